@@ -1,0 +1,41 @@
+"""satlm: Sparsity-Accelerated Training for Hugging Face decoder LLMs."""
+
+from .config import SATConfig, SATConfigError
+from .modeling.adapters import ADAPTERS, UnsupportedModelError
+from .modeling.layers import SATAttention, SATMLP
+from .modeling.patch import (
+    apply_sat,
+    disable_sat,
+    load_sat_state_dict,
+    remove_sat,
+    sat_state,
+    sat_state_dict,
+    set_sat_step,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTERS",
+    "SATAttention",
+    "SATConfig",
+    "SATConfigError",
+    "SATMLP",
+    "UnsupportedModelError",
+    "apply_sat",
+    "disable_sat",
+    "load_sat_state_dict",
+    "remove_sat",
+    "sat_state",
+    "sat_state_dict",
+    "set_sat_step",
+]
+
+
+def __getattr__(name):
+    # The Trainer callback imports transformers' Trainer machinery: load it only when asked for.
+    if name == "SATCallback":
+        from .integrations.hf_trainer import SATCallback
+
+        return SATCallback
+    raise AttributeError(f"module 'satlm' has no attribute {name!r}")

@@ -1,0 +1,167 @@
+"""SATConfig: what to omit, how to rank it and when. Typed; YAML is only how it is stored."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+METRICS = ("l2", "l1", "output", "random")
+SELECTIONS = ("sample", "topk", "random")
+SOURCES = ("current", "history")
+SCHEDULES = ("ladder", "constant", "linear", "steps")
+ATTN_UNITS = ("head", "kv_group")
+
+
+class SATConfigError(ValueError):
+    """A bad SATConfig value; the message names the field and what is allowed."""
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SATConfigError(f"SATConfig.{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _rate(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < 1.0):
+        raise SATConfigError(f"SATConfig.{name}={value!r} must be a number in [0, 1)")
+
+
+def closest_key(key: str, allowed) -> str:
+    """' (did you mean X?)' for an unknown key, or '' when nothing is close."""
+    match = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+@dataclass
+class SATConfig:
+    """Sparsity-Accelerated Training settings (see SAT-METHOD.md)."""
+
+    omission_rate: float = 0.5
+    """Maximum fraction of units omitted per step; the schedule scales it down over training."""
+    attn_omission_rate: float | None = None
+    """Maximum rate for attention units (query heads or KV groups); defaults to omission_rate."""
+    mlp_omission_rate: float | None = None
+    """Maximum rate for MLP channels; defaults to omission_rate."""
+    metric: str = "l2"
+    """Unit importance: l2 (norm of activations), l1 (mean |activation|), output (norm of the unit's
+    contribution to the layer output), random (uniform scores, a control)."""
+    selection: str = "sample"
+    """How kept units are chosen from scores: sample (Gumbel-top-k, proportional to score), topk, random."""
+    source: str = "current"
+    """current: importance from this batch's forward (paper mode); history: from earlier steps, so the
+    selection is made before the forward and every projection shrinks."""
+    schedule: str = "ladder"
+    """Omission-rate schedule over training: ladder (LORS), constant, linear, steps."""
+    rungs: int = 4
+    """ladder: number of equal stages before the dense tail, at r, r(m-1)/m, ..., r/m."""
+    dense_tail: float = 0.1
+    """ladder: fraction of training at the end that runs dense."""
+    steps: list[list[float]] | None = None
+    """steps: [[until_fraction, rate], ...] with increasing fractions; rates absolute (for omission_rate,
+    per-component rates scale by the same ratio); after the last stair the rate is 0."""
+    attn_unit: str = "head"
+    """head: a query head is a unit; kv_group: a KV head and the query heads sharing it."""
+    layers: list[int] | None = None
+    """Decoder layer indices that take part (negative indices count from the end); None = all."""
+    seed: int = 0
+    """Seed of the selection generators (same seed, same selections)."""
+    history_decay: float = 0.9
+    """history: weight of the old score in the running average of observed importance."""
+    history_exploration: float = 20.0
+    """history: a unit unobserved for a steps has its score multiplied by (1 + a / history_exploration),
+    so every unit returns to the kept set; 0 disables the bonus."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "SATConfig":
+        _rate("omission_rate", self.omission_rate)
+        for name in ("attn_omission_rate", "mlp_omission_rate"):
+            if getattr(self, name) is not None:
+                _rate(name, getattr(self, name))
+        _choice("metric", self.metric, METRICS)
+        _choice("selection", self.selection, SELECTIONS)
+        _choice("source", self.source, SOURCES)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("attn_unit", self.attn_unit, ATTN_UNITS)
+        if isinstance(self.rungs, bool) or not isinstance(self.rungs, int) or self.rungs < 1:
+            raise SATConfigError(f"SATConfig.rungs={self.rungs!r} must be an integer >= 1")
+        if not isinstance(self.dense_tail, (int, float)) or not (0.0 <= self.dense_tail < 1.0):
+            raise SATConfigError(f"SATConfig.dense_tail={self.dense_tail!r} must be a number in [0, 1)")
+        if self.schedule == "steps":
+            self._validate_steps()
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.layers
+            ):
+                raise SATConfigError(f"SATConfig.layers={self.layers!r} must be a list of layer indices or null")
+            self.layers = list(self.layers)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise SATConfigError(f"SATConfig.seed={self.seed!r} must be an integer")
+        if not (0.0 <= self.history_decay < 1.0):
+            raise SATConfigError(f"SATConfig.history_decay={self.history_decay!r} must be in [0, 1)")
+        if self.history_exploration < 0:
+            raise SATConfigError(f"SATConfig.history_exploration={self.history_exploration!r} must be >= 0")
+        return self
+
+    def _validate_steps(self) -> None:
+        stairs = self.steps
+        if not stairs or not isinstance(stairs, (list, tuple)):
+            raise SATConfigError(
+                "SATConfig.steps must be a non-empty list of [until_fraction, rate] pairs when schedule='steps'"
+            )
+        last = 0.0
+        for i, stair in enumerate(stairs):
+            if not isinstance(stair, (list, tuple)) or len(stair) != 2:
+                raise SATConfigError(f"SATConfig.steps[{i}]={stair!r} must be a pair [until_fraction, rate]")
+            until, rate = stair
+            if not isinstance(until, (int, float)) or not (last < until <= 1.0):
+                raise SATConfigError(
+                    f"SATConfig.steps[{i}] until_fraction={until!r} must increase and lie in (0, 1]"
+                )
+            _rate(f"steps[{i}] rate", rate)
+            if rate > self.omission_rate + 1e-12:
+                raise SATConfigError(
+                    f"SATConfig.steps[{i}] rate={rate!r} exceeds omission_rate={self.omission_rate!r}, the maximum"
+                )
+            last = until
+        self.steps = [[float(u), float(r)] for u, r in stairs]
+
+    # Rates per component, before the schedule scales them.
+    @property
+    def max_attn_rate(self) -> float:
+        return float(self.omission_rate if self.attn_omission_rate is None else self.attn_omission_rate)
+
+    @property
+    def max_mlp_rate(self) -> float:
+        return float(self.omission_rate if self.mlp_omission_rate is None else self.mlp_omission_rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "SATConfig":
+        data = dict(data or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in names:
+                raise SATConfigError(
+                    f"SATConfig has no field {key!r}{closest_key(key, names)}; fields: {', '.join(sorted(names))}"
+                )
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "SATConfig":
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(text))
+
+
+__all__ = ["SATConfig", "SATConfigError", "closest_key", "METRICS", "SELECTIONS", "SOURCES", "SCHEDULES", "ATTN_UNITS"]

@@ -1,0 +1,1 @@
+"""Pure tensor math of SAT: importance, selection and the sparse autograd ops. No HF imports."""

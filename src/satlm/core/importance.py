@@ -1,0 +1,65 @@
+"""Unit importance from activations, over the batch's non-padding tokens (SAT-METHOD.md, Importance).
+
+All reductions are elementwise or norms (no matmuls except the `output` head metric's small Grams), so
+the FLOPs of a step stay those of the projections.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _masked(a: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the rows of padding tokens. a: (B, T, ...); token_mask: (B, T) or None."""
+    if token_mask is None:
+        return a
+    m = token_mask.to(a.dtype)
+    return a * m.reshape(*m.shape, *([1] * (a.dim() - 2)))
+
+
+def _token_count(a: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor | float:
+    if token_mask is None:
+        return float(a.shape[0] * a.shape[1])
+    return token_mask.sum().clamp_min(1).float()
+
+
+def mlp_scores(
+    h: torch.Tensor, token_mask: torch.Tensor | None, metric: str, down_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scores of MLP channels. h = act(G) * U: (B, T, f) -> (f,) float32.
+
+    down_weight: (d, f) columns, needed by `output`.
+    """
+    hm = _masked(h, token_mask)
+    if metric == "l1":
+        return hm.abs().sum(dim=(0, 1), dtype=torch.float32) / _token_count(h, token_mask)
+    l2 = torch.linalg.vector_norm(hm, dim=(0, 1), dtype=torch.float32)
+    if metric == "output":
+        return l2 * torch.linalg.vector_norm(down_weight.detach(), dim=0, dtype=torch.float32)
+    return l2  # "l2"; "random" is drawn by the caller
+
+
+def head_scores(
+    o: torch.Tensor, token_mask: torch.Tensor | None, metric: str, o_weight_cols: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scores of attention heads. o: per-head core outputs (B, T, H, hd) -> (H,) float32.
+
+    o_weight_cols: (d, H*hd), the o_proj columns of these heads, needed by `output`.
+    """
+    om = _masked(o, token_mask)
+    if metric == "l1":
+        return om.abs().sum(dim=(0, 1, 3), dtype=torch.float32) / (_token_count(o, token_mask) * o.shape[-1])
+    if metric == "output":
+        # ||O_h Wo_h^T||_F^2 = <O_h^T O_h, Wo_h^T Wo_h>: two (hd x hd) Grams per head instead of a d-wide product.
+        n_heads, hd = o.shape[2], o.shape[3]
+        of = om.reshape(-1, n_heads, hd).float()  # (N, H, hd)
+        gram_o = torch.einsum("nhi,nhj->hij", of, of)  # (H, hd, hd)
+        w = o_weight_cols.detach().float().reshape(-1, n_heads, hd)  # (d, H, hd)
+        gram_w = torch.einsum("dhi,dhj->hij", w, w)
+        return (gram_o * gram_w).sum(dim=(1, 2)).clamp_min(0).sqrt()
+    return torch.linalg.vector_norm(om, dim=(0, 1, 3), dtype=torch.float32)
+
+
+def group_scores(head_scores_: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """A KV group's score is the sum of its query heads' scores. (H,) -> (n_groups,)"""
+    return head_scores_.reshape(n_groups, -1).sum(dim=1)

@@ -1,0 +1,1 @@
+"""The only place that knows Hugging Face module layouts."""

@@ -1,0 +1,346 @@
+"""SATAttention and SATMLP: wrappers that hold the original module as `base_layer`.
+
+The first branch of every forward is the dense path: the base layer itself, untouched. The sparse path
+runs only in training, while SAT is enabled and the scheduled rate omits at least one unit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import SATConfig
+from ..core.importance import group_scores, head_scores, mlp_scores
+from ..core.ops import head_columns, precomputed_linear
+from ..core.selection import select_units, uniform
+from ..distributed import reduce_scores
+from ..schedules import kept_count, scheduled_rates
+from .adapters import SATAdapter, get_path, model_module_function
+
+BASE_PREFIX = "base_layer."
+
+
+class SATRuntime:
+    """State shared by all wrapped layers of one model: config, schedule position, the current batch."""
+
+    def __init__(self, config: SATConfig, adapter: SATAdapter):
+        self.config = config
+        self.adapter = adapter
+        self.enabled = True
+        self.step = 0
+        self.total_steps: int | None = None
+        self.attn_rate, self.mlp_rate = scheduled_rates(config, 0, None)
+        # Incremented once per training forward of the model. A layer that sees the same id twice is being
+        # recomputed (gradient checkpointing) and must reuse its selection.
+        self.forward_id = 0
+        self.token_mask: torch.Tensor | None = None  # (B, T) of the current batch, 1 = real token
+
+    def set_step(self, step: int, total_steps: int | None) -> None:
+        self.step, self.total_steps = int(step), (int(total_steps) if total_steps else None)
+        self.attn_rate, self.mlp_rate = scheduled_rates(self.config, self.step, self.total_steps)
+
+    def begin_forward(self, attention_mask) -> None:
+        self.forward_id += 1
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            self.token_mask = attention_mask
+        else:
+            self.token_mask = None
+
+    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        m = self.token_mask
+        if m is None or tuple(m.shape) != tuple(x.shape[:2]):
+            return None
+        return m
+
+
+def _autocast_cast(*tensors):
+    """Cast to the autocast dtype, as F.linear would under autocast (so precomputed_linear matches it)."""
+    t0 = tensors[0]
+    dev = t0.device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _rows(linear: nn.Linear, idx: torch.Tensor):
+    """Weight rows and bias entries of the kept output features. (k, d), (k,)"""
+    bias = linear.bias.index_select(0, idx) if linear.bias is not None else None
+    return linear.weight.index_select(0, idx), bias
+
+
+def _strip_base_prefix(module, state_dict, prefix, local_metadata):
+    # Checkpoints of a patched model keep the plain architecture's names.
+    for key in [k for k in state_dict if k.startswith(prefix + BASE_PREFIX)]:
+        state_dict[prefix + key[len(prefix) + len(BASE_PREFIX):]] = state_dict.pop(key)
+
+
+def _add_base_prefix(module, state_dict, prefix, *args):
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + BASE_PREFIX)]:
+        state_dict[prefix + BASE_PREFIX + key[len(prefix):]] = state_dict.pop(key)
+
+
+class _SATModule(nn.Module):
+    component = ""  # "attn" or "mlp"
+
+    def __init__(self, base_layer: nn.Module, runtime: SATRuntime, layer_idx: int, n_units: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.sat_runtime = runtime
+        self.sat_layer_idx = layer_idx
+        self.sat_n_units = n_units
+        salt = 0 if self.component == "attn" else 1
+        self._seed = (runtime.config.seed * 1_000_003 + layer_idx * 2 + salt) % (2**63)
+        self._generator: torch.Generator | None = None
+        self._cache_id = -1
+        self._cache: tuple[int, torch.Tensor] | None = None
+        self.sat_history: torch.Tensor | None = None  # running importance per unit (history source)
+        self.sat_age: torch.Tensor | None = None  # steps since each unit was last observed
+        self.sat_last_kept: torch.Tensor | None = None
+        self.sat_last_scores: torch.Tensor | None = None
+        self.register_state_dict_post_hook(_strip_base_prefix)
+        self.register_load_state_dict_pre_hook(_add_base_prefix)
+
+    # -- shared machinery -------------------------------------------------------------------------------
+    def base_layer_device(self) -> torch.device:
+        return next(self.base_layer.parameters()).device
+
+    def _rate(self) -> float:
+        rt = self.sat_runtime
+        return rt.attn_rate if self.component == "attn" else rt.mlp_rate
+
+    def _kept_k(self) -> int | None:
+        """Number of kept units when this forward runs sparse, else None (dense)."""
+        rt = self.sat_runtime
+        if not (self.training and rt.enabled):
+            return None
+        k = kept_count(self.sat_n_units, self._rate())
+        return k if k < self.sat_n_units else None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device.type != torch.device(device).type:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self._seed)
+        return self._generator
+
+    def _cached(self, k: int) -> torch.Tensor | None:
+        if self._cache_id == self.sat_runtime.forward_id and self._cache is not None and self._cache[0] == k:
+            return self._cache[1]
+        return None
+
+    def _use_history(self) -> bool:
+        return self.sat_runtime.config.source == "history" and self.sat_history is not None
+
+    def _choose(self, k: int, scores: torch.Tensor, device) -> torch.Tensor:
+        cfg = self.sat_runtime.config
+        if cfg.metric == "random":
+            scores = uniform(self.sat_n_units, self.generator(device))
+        scores = reduce_scores(scores)
+        idx = select_units(scores, k, cfg.selection, self.generator(device))
+        self._cache_id, self._cache = self.sat_runtime.forward_id, (k, idx)
+        self.sat_last_kept, self.sat_last_scores = idx, scores.detach()
+        if cfg.source == "history" and self.sat_history is None:
+            # First sparse forward in history mode observes every unit (current path) to seed the statistics.
+            self.sat_history = scores.detach().float().clone()
+            self.sat_age = torch.zeros_like(self.sat_history)
+        return idx
+
+    def _history_scores(self) -> torch.Tensor:
+        cfg = self.sat_runtime.config
+        if cfg.history_exploration > 0:
+            return self.sat_history * (1.0 + self.sat_age / cfg.history_exploration)
+        return self.sat_history
+
+    def _observe(self, idx: torch.Tensor, observed: torch.Tensor) -> None:
+        """history: fold this step's scores of the kept units into the running statistics (once per forward)."""
+        decay = self.sat_runtime.config.history_decay
+        observed = reduce_scores(observed.detach().float())
+        old = self.sat_history.index_select(0, idx)
+        self.sat_history.index_copy_(0, idx, decay * old + (1.0 - decay) * observed)
+        self.sat_age.add_(1.0).index_fill_(0, idx, 0.0)
+
+
+class SATMLP(_SATModule):
+    """Gated MLP over kept channels only: Y = (act(X Wg_k^T) * X Wu_k^T) Wd_k^T."""
+
+    component = "mlp"
+
+    def __init__(self, base_layer: nn.Module, runtime: SATRuntime, layer_idx: int):
+        ad = runtime.adapter
+        n = get_path(base_layer, ad.gate).out_features
+        super().__init__(base_layer, runtime, layer_idx, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self._kept_k()
+        if k is None:
+            return self.base_layer(x)
+        ad, base = self.sat_runtime.adapter, self.base_layer
+        gate, up, down = get_path(base, ad.gate), get_path(base, ad.up), get_path(base, ad.down)
+        act = base.act_fn
+        metric = self.sat_runtime.config.metric
+        mask = self.sat_runtime.mask_for(x)
+        if self._use_history():
+            idx = self._cached(k)
+            fresh = idx is None
+            if fresh:
+                idx = self._choose(k, self._history_scores(), x.device)
+            wg, bg = _rows(gate, idx)
+            wu, bu = _rows(up, idx)
+            h = act(F.linear(x, wg, bg)) * F.linear(x, wu, bu)  # (B, T, k)
+            wd = down.weight.index_select(1, idx)  # (d, k)
+            if fresh:
+                with torch.no_grad():
+                    self._observe(idx, mlp_scores(h.detach(), mask, metric, wd))
+            return F.linear(h, wd, down.bias)
+
+        with torch.no_grad():
+            g_all, u_all = gate(x), up(x)  # (B, T, f): every channel, to score them
+            idx = self._cached(k)
+            if idx is None:
+                scores = mlp_scores(act(g_all) * u_all, mask, metric, down.weight) if metric != "random" else None
+                idx = self._choose(k, scores, x.device)
+            g_k, u_k = g_all.index_select(-1, idx), u_all.index_select(-1, idx)  # (B, T, k)
+            del g_all, u_all
+        wg, bg = _rows(gate, idx)
+        wu, bu = _rows(up, idx)
+        xc, wg, bg, wu, bu = _autocast_cast(x, wg, bg, wu, bu)
+        h = act(precomputed_linear(xc, wg, bg, g_k)) * precomputed_linear(xc, wu, bu, u_k)
+        return F.linear(h, down.weight.index_select(1, idx), down.bias)
+
+
+class _GroupsView:
+    """The attention module as the attention function sees it, with a different KV repeat factor."""
+
+    def __init__(self, base: nn.Module, groups: int):
+        self._base, self.num_key_value_groups = base, groups
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+
+_ATTN_ARGS = ("hidden_states", "position_embeddings", "attention_mask")
+
+
+class SATAttention(_SATModule):
+    """Self-attention over kept query heads (attn_unit=head) or kept KV groups (attn_unit=kv_group)."""
+
+    component = "attn"
+
+    def __init__(self, base_layer: nn.Module, runtime: SATRuntime, layer_idx: int):
+        cfg = base_layer.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = base_layer.head_dim
+        self.rep = self.n_heads // self.n_kv
+        n = self.n_heads if runtime.config.attn_unit == "head" else self.n_kv
+        super().__init__(base_layer, runtime, layer_idx, n)
+        self._rope = model_module_function(base_layer, "apply_rotary_pos_emb")
+        self._eager = model_module_function(base_layer, "eager_attention_forward")
+
+    def _attention_function(self):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        impl = self.base_layer.config._attn_implementation
+        if impl in (None, "eager"):
+            return self._eager
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+            return ALL_ATTENTION_FUNCTIONS.get_interface(impl, self._eager)
+        return ALL_ATTENTION_FUNCTIONS[impl]
+
+    def _expand(self, units: torch.Tensor):
+        """Kept units -> (query heads, KV groups, per-head index into the kept groups or None)."""
+        if self.sat_runtime.config.attn_unit == "kv_group":
+            heads = (units[:, None] * self.rep + torch.arange(self.rep, device=units.device)).reshape(-1)
+            return heads, units, None
+        if self.rep == 1:
+            return units, units, None
+        group_of = torch.div(units, self.rep, rounding_mode="floor")
+        groups = torch.unique(group_of)  # sorted; a host sync (the kept-group count sets K/V shapes)
+        return units, groups, torch.searchsorted(groups, group_of)
+
+    def forward(self, *args, **kwargs):
+        k = self._kept_k()
+        cache_key = "cache" if "cache" in kwargs else "past_key_values"
+        if k is None or len(args) > len(_ATTN_ARGS) or self.rep * self.n_kv != self.n_heads:
+            return self.base_layer(*args, **kwargs)
+        named = dict(zip(_ATTN_ARGS, args))
+        for name in _ATTN_ARGS:
+            if name in kwargs:
+                named[name] = kwargs.pop(name)
+        kwargs.pop(cache_key, None)  # training: nothing is cached (K/V of omitted heads would be missing)
+        if named.get("position_embeddings") is None:
+            return self.base_layer(**named, **kwargs)
+        return self._sparse_forward(k, named["hidden_states"], named["position_embeddings"],
+                                    named.get("attention_mask"), kwargs)
+
+    def _sparse_forward(self, k, x, position_embeddings, attention_mask, kwargs):
+        rt, base = self.sat_runtime, self.base_layer
+        ad = rt.adapter
+        qp, kp, vp, op = (get_path(base, n) for n in (ad.q, ad.k, ad.v, ad.o))
+        cos, sin = position_embeddings
+        B, T = x.shape[:2]
+        hd, metric = self.head_dim, rt.config.metric
+        attend = self._attention_function()
+        extra = {**kwargs, **ad.attn_kwargs(base)}
+        dropout = base.attention_dropout if self.training else 0.0
+        mask = rt.mask_for(x)
+        units = self._cached(k)
+        fresh = units is None
+
+        if self._use_history():
+            if fresh:
+                units = self._choose(k, self._history_scores(), x.device)
+            heads, groups, kv_map = self._expand(units)
+            qcols, kvcols = head_columns(heads, hd), head_columns(groups, hd)
+            q = F.linear(x, *_rows(qp, qcols))
+            key = F.linear(x, *_rows(kp, kvcols))
+            val = F.linear(x, *_rows(vp, kvcols))
+        else:
+            with torch.no_grad():
+                q_all, k_all, v_all = qp(x), kp(x), vp(x)  # (B, T, H*hd), (B, T, n_kv*hd) x2
+                if fresh:
+                    scores = None
+                    if metric != "random":
+                        qh = q_all.view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+                        kh = k_all.view(B, T, -1, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+                        qh, kh = self._rope(qh, kh, cos, sin)
+                        vh = v_all.view(B, T, -1, hd).transpose(1, 2)
+                        o_all, _ = attend(_GroupsView(base, self.rep), qh, kh, vh, attention_mask,
+                                          dropout=0.0, scaling=base.scaling, **extra)  # (B, T, H, hd)
+                        scores = head_scores(o_all, mask, metric, op.weight)
+                        del o_all, qh, kh, vh
+                        if rt.config.attn_unit == "kv_group":
+                            scores = group_scores(scores, self.n_kv)
+                    units = self._choose(k, scores, x.device)
+                heads, groups, kv_map = self._expand(units)
+                qcols, kvcols = head_columns(heads, hd), head_columns(groups, hd)
+                q_k = q_all.index_select(-1, qcols)
+                k_k, v_k = k_all.index_select(-1, kvcols), v_all.index_select(-1, kvcols)
+                del q_all, k_all, v_all
+            wq, bq = _rows(qp, qcols)
+            wk, bk = _rows(kp, kvcols)
+            wv, bv = _rows(vp, kvcols)
+            xc, wq, bq, wk, bk, wv, bv = _autocast_cast(x, wq, bq, wk, bk, wv, bv)
+            q = precomputed_linear(xc, wq, bq, q_k)
+            key = precomputed_linear(xc, wk, bk, k_k)
+            val = precomputed_linear(xc, wv, bv, v_k)
+
+        q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, h_kept, T, hd)
+        key = key.view(B, T, -1, hd).transpose(1, 2)  # (B, g_kept, T, hd)
+        val = val.view(B, T, -1, hd).transpose(1, 2)
+        q, key = self._rope(q, key, cos, sin)
+        if kv_map is None:
+            groups_per_kv = self.rep if rt.config.attn_unit == "kv_group" else 1
+        else:
+            key, val, groups_per_kv = key.index_select(1, kv_map), val.index_select(1, kv_map), 1
+        o, _ = attend(_GroupsView(base, groups_per_kv), q, key, val, attention_mask,
+                      dropout=dropout, scaling=base.scaling, **extra)  # (B, T, h_kept, hd)
+        wo = op.weight.index_select(1, qcols)  # (d, h_kept*hd)
+        if fresh and self._use_history():
+            with torch.no_grad():
+                obs = head_scores(o.detach(), mask, metric, wo)
+                if rt.config.attn_unit == "kv_group":
+                    obs = group_scores(obs, obs.shape[0] // self.rep)
+                self._observe(units, obs)
+        return F.linear(o.reshape(B, T, -1), wo, op.bias), None
