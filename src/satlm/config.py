@@ -70,8 +70,9 @@ class SATConfig:
     history_decay: float = 0.9
     """history: weight of the old score in the running average of observed importance."""
     history_exploration: float = 20.0
-    """history: a unit unobserved for a steps has its score multiplied by (1 + a / history_exploration),
-    so every unit returns to the kept set; 0 disables the bonus."""
+    """history: a unit unobserved for a steps has its score multiplied by 2 ** (a / history_exploration)
+    (its score doubles every history_exploration steps), so every unit returns to the kept set; 0 disables
+    the bonus."""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -95,6 +95,7 @@ class _SATModule(nn.Module):
         self._generator: torch.Generator | None = None
         self._cache_id = -1
         self._cache: tuple[int, torch.Tensor] | None = None
+        self._path_id, self._path_history = -1, False
         self.sat_history: torch.Tensor | None = None  # running importance per unit (history source)
         self.sat_age: torch.Tensor | None = None  # steps since each unit was last observed
         self.sat_last_kept: torch.Tensor | None = None
@@ -116,7 +117,10 @@ class _SATModule(nn.Module):
         if not (self.training and rt.enabled):
             return None
         k = kept_count(self.sat_n_units, self._rate())
-        return k if k < self.sat_n_units else None
+        if k >= self.sat_n_units:
+            self.sat_last_kept = None  # this forward runs dense: every unit is kept
+            return None
+        return k
 
     def generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device.type != torch.device(device).type:
@@ -130,7 +134,13 @@ class _SATModule(nn.Module):
         return None
 
     def _use_history(self) -> bool:
-        return self.sat_runtime.config.source == "history" and self.sat_history is not None
+        """Select from history statistics in this forward? Fixed per forward, so that a recomputation
+        (gradient checkpointing) takes the same path even though the first pass seeded the statistics."""
+        rt = self.sat_runtime
+        if self._path_id != rt.forward_id:
+            self._path_id = rt.forward_id
+            self._path_history = rt.config.source == "history" and self.sat_history is not None
+        return self._path_history
 
     def _choose(self, k: int, scores: torch.Tensor, device) -> torch.Tensor:
         cfg = self.sat_runtime.config
@@ -149,7 +159,9 @@ class _SATModule(nn.Module):
     def _history_scores(self) -> torch.Tensor:
         cfg = self.sat_runtime.config
         if cfg.history_exploration > 0:
-            return self.sat_history * (1.0 + self.sat_age / cfg.history_exploration)
+            # The score of an unobserved unit doubles every `history_exploration` steps, so any unit
+            # overtakes the kept ones within log2(score ratio) doublings and is observed again.
+            return self.sat_history * torch.exp2((self.sat_age / cfg.history_exploration).clamp_max(60.0))
         return self.sat_history
 
     def _observe(self, idx: torch.Tensor, observed: torch.Tensor) -> None:

@@ -1,0 +1,48 @@
+"""Tiny real HF models built from configs (no downloads), shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+def tiny_model(arch: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidden: int = 64, inter: int = 96,
+               layers: int = 2, vocab: int = 128, attn: str = "eager", seed: int = 0, tie: bool = False):
+    """A tiny decoder LM of the given architecture, fp32, deterministic weights."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+           "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    cfg = cls[0](vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                 tie_word_embeddings=tie, use_cache=False)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = cls[1](cfg)
+    # Break the symmetry of HF's small-std init so that importance scores are well separated.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.empty(p.shape[0], 1).uniform_(0.2, 3.0))
+    return model.train()
+
+
+def batch(vocab: int = 128, b: int = 3, t: int = 16, pad: bool = True, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    if pad:
+        mask[1 % b, :5] = 0  # left padding
+        mask[2 % b, -3:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture
+def make_model():
+    return tiny_model

@@ -1,0 +1,162 @@
+"""Paper mode against a masked dense reference written here, independently of satlm's code.
+
+The reference runs the plain HF model and multiplies the outputs of omitted units by zero just before
+the down and output projections, choosing them by L2 importance over non-padding tokens (top-k).
+SAT must give the same loss and the same gradient for every parameter, and exactly zero gradient on
+omitted slices.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import satlm
+from conftest import batch, tiny_model
+
+
+def keep(n: int, rate: float) -> int:
+    return max(1, math.floor((1 - rate) * n + 0.5))
+
+
+def reference_step(model, data, rate: float, unit: str):
+    """Loss, grads and kept sets of the masked dense reference."""
+    token_mask = data["attention_mask"].to(torch.float64)
+    kept: dict = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        cfg = layer.self_attn.config
+
+        def mlp_hook(mod, args, i=i):
+            (h,) = args  # (B, T, f)
+            score = ((h.detach().double() ** 2) * token_mask[..., None]).sum((0, 1)).sqrt()
+            idx = score.topk(keep(h.shape[-1], rate)).indices
+            m = torch.zeros(h.shape[-1], dtype=h.dtype)
+            m[idx] = 1
+            kept[(i, "mlp")] = sorted(idx.tolist())
+            return (h * m,)
+
+        def attn_hook(mod, args, i=i, cfg=cfg):
+            (o,) = args  # (B, T, H*hd)
+            n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+            oh = o.view(*o.shape[:2], n_h, -1)
+            score = ((oh.detach().double() ** 2) * token_mask[..., None, None]).sum((0, 1, 3)).sqrt()
+            if unit == "kv_group":
+                groups = score.view(n_kv, -1).sum(1).topk(keep(n_kv, rate)).indices.tolist()
+                heads = [g * (n_h // n_kv) + j for g in groups for j in range(n_h // n_kv)]
+                kept[(i, "attn")] = sorted(groups)
+            else:
+                heads = score.topk(keep(n_h, rate)).indices.tolist()
+                kept[(i, "attn")] = sorted(heads)
+            m = torch.zeros(n_h, 1, dtype=o.dtype)
+            m[heads] = 1
+            return ((oh * m).reshape(o.shape),)
+
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(attn_hook))
+    loss = model(**data).loss
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, kept
+
+
+def sat_step(model, data, config):
+    satlm.apply_sat(model, config)
+    loss = model(**data).loss
+    loss.backward()
+    grads = {n.replace("base_layer.", ""): p.grad.clone() for n, p in model.named_parameters()}
+    state = satlm.sat_state(model)
+    kept = {}
+    for entry in state["layers"]:
+        for comp in ("mlp", "attn"):
+            e = entry[comp]  # None: the layer ran dense, every unit kept
+            kept[(entry["layer"], comp)] = e["kept"] if e["kept"] is not None else list(range(e["n_units"]))
+    return loss.detach(), grads, kept
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+CASES = [
+    # (arch, heads, kv_heads, attention implementation)
+    ("llama", 8, 2, "eager"),
+    ("llama", 4, 4, "eager"),
+    ("llama", 8, 2, "sdpa"),
+    ("mistral", 8, 2, "sdpa"),
+    ("qwen2", 8, 4, "eager"),
+]
+
+
+@pytest.mark.parametrize("arch,heads,kv,impl", CASES)
+@pytest.mark.parametrize("unit", ["head", "kv_group"])
+@pytest.mark.parametrize("rate", [0.25, 0.5, 0.75])
+def test_current_topk_matches_masked_dense_reference(arch, heads, kv, impl, unit, rate):
+    model = tiny_model(arch, heads=heads, kv_heads=kv, attn=impl)
+    ref_model = copy.deepcopy(model)
+    data = batch()
+    ref_loss, ref_grads, ref_kept = reference_step(ref_model, data, rate, unit)
+    cfg = satlm.SATConfig(omission_rate=rate, schedule="constant", selection="topk", metric="l2",
+                          source="current", attn_unit=unit)
+    loss, grads, kept = sat_step(model, data, cfg)
+
+    assert kept == ref_kept
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    for name, g_ref in ref_grads.items():
+        assert rel_err(grads[name], g_ref) <= 1e-5, name
+
+    # Omitted slices get exactly zero gradient.
+    n_h, n_kv = heads, kv
+    hd = model.config.hidden_size // n_h
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp.base_layer
+        off = sorted(set(range(mlp.gate_proj.out_features)) - set(kept[(i, "mlp")]))
+        assert off and mlp.gate_proj.weight.grad[off].abs().max() == 0
+        assert mlp.up_proj.weight.grad[off].abs().max() == 0
+        assert mlp.down_proj.weight.grad[:, off].abs().max() == 0
+        attn = layer.self_attn.base_layer
+        if unit == "kv_group":
+            kept_heads = [g * (n_h // n_kv) + j for g in kept[(i, "attn")] for j in range(n_h // n_kv)]
+        else:
+            kept_heads = kept[(i, "attn")]
+        off_heads = sorted(set(range(n_h)) - set(kept_heads))
+        cols = [h * hd + j for h in off_heads for j in range(hd)]
+        assert attn.q_proj.weight.grad[cols].abs().sum() == 0
+        assert attn.o_proj.weight.grad[:, cols].abs().sum() == 0
+        live_groups = {h // (n_h // n_kv) for h in kept_heads}
+        dead = [g * hd + j for g in range(n_kv) if g not in live_groups for j in range(hd)]
+        if dead:
+            assert attn.k_proj.weight.grad[dead].abs().sum() == 0
+            assert attn.v_proj.weight.grad[dead].abs().sum() == 0
+        if attn.q_proj.bias is not None:
+            assert attn.q_proj.bias.grad[cols].abs().sum() == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rate_zero_is_bit_identical(arch):
+    model = tiny_model(arch)
+    ref = copy.deepcopy(model)
+    data = batch()
+    ref_loss = ref(**data).loss
+    ref_loss.backward()
+    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.0))
+    loss = model(**data).loss
+    loss.backward()
+    assert torch.equal(loss, ref_loss)
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, ref_params[name.replace("base_layer.", "")].grad), name
+
+
+def test_dense_tail_of_ladder_is_bit_identical():
+    """The ladder's last stretch runs dense: identical to the unpatched model."""
+    model = tiny_model()
+    ref = copy.deepcopy(model)
+    data = batch()
+    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="ladder", dense_tail=0.2))
+    assert satlm.set_sat_step(model, 95, 100) == (0.0, 0.0)
+    assert torch.equal(model(**data).loss, ref(**data).loss)
