@@ -1,0 +1,227 @@
+"""Dense against SAT, interleaved in one process: step times, FLOP ratios (the ideal) and memory.
+
+Every variant trains the same model: SAT is applied once and each variant swaps in its own SATConfig
+(dense runs inside `disable_sat`), so the variants share weights, optimizer and allocator state and are
+timed round-robin, one full step each per round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config import SATConfig
+from ..modeling.patch import apply_sat, disable_sat
+
+
+@dataclass
+class Shape:
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    heads: int = 8
+    kv_heads: int = 8
+    layers: int = 8
+    vocab_size: int = 8192
+
+
+PRESETS = {
+    # Published shapes of the models the paper trains; use --layers to fit memory.
+    "tinyllama-1.1b": Shape(2048, 5632, 32, 4, 22, 32000),
+    "llama2-7b": Shape(4096, 11008, 32, 32, 32, 32000),
+    "llama2-13b": Shape(5120, 13824, 40, 40, 40, 32000),
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    source: str | None  # None = dense
+    rate: float
+    times: list[float] = field(default_factory=list)
+    flops: int = 0
+    peak_memory_bytes: int = 0
+
+
+def build_model(shape: Shape, model_path: str | None, dtype: torch.dtype, device: str, seq_len: int,
+                attn_implementation: str = "sdpa"):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if model_path:
+        model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype,
+                                                     attn_implementation=attn_implementation)
+    else:
+        cfg = LlamaConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                          num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                          num_hidden_layers=shape.layers, vocab_size=shape.vocab_size,
+                          max_position_embeddings=max(seq_len, 2048), tie_word_embeddings=False, use_cache=False)
+        cfg._attn_implementation = attn_implementation
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.config.use_cache = False
+    return model.to(device).train()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Bench:
+    """Holds the model, the data and the step function for whole-model or per-layer timing."""
+
+    def __init__(self, model, *, per_layer: bool, batch_size: int, seq_len: int, device: str, attn_unit: str,
+                 seed: int = 0):
+        self.model, self.per_layer, self.device = model, per_layer, device
+        apply_sat(model, SATConfig(omission_rate=0.5, schedule="constant", attn_unit=attn_unit, seed=seed))
+        self.runtime = model.sat_runtime
+        g = torch.Generator().manual_seed(seed)
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)
+        self.batch = {"input_ids": ids, "labels": ids}
+        self.tokens = batch_size * seq_len
+        if per_layer:
+            self.layer = model.model.layers[0]
+            d = model.config.hidden_size
+            dtype = next(model.parameters()).dtype
+            self.x = torch.randn(batch_size, seq_len, d, generator=g).to(device=device, dtype=dtype)
+            self.x.requires_grad_(True)
+            pos = torch.arange(seq_len, device=device)[None].expand(batch_size, -1)
+            self.pos_emb = model.model.rotary_emb(self.x, pos)
+            causal = torch.full((seq_len, seq_len), float("-inf"), device=device).triu(1)
+            self.mask = causal.to(dtype)[None, None] if model.config._attn_implementation == "eager" else None
+            self.optimizer = None
+        else:
+            fused = device.startswith("cuda") or device == "cpu"
+            try:
+                self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+            except (RuntimeError, TypeError):
+                self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    @contextlib.contextmanager
+    def variant(self, v: Variant):
+        if v.source is None:
+            with disable_sat(self.model):
+                yield
+            return
+        cfg = self.runtime.config
+        self.runtime.config = SATConfig(omission_rate=v.rate, schedule="constant", source=v.source,
+                                        attn_unit=cfg.attn_unit, seed=cfg.seed)
+        self.runtime.set_step(0, None)
+        try:
+            yield
+        finally:
+            self.runtime.config = cfg
+
+    def forward_backward(self) -> None:
+        self.runtime.begin_forward(None)
+        if self.per_layer:
+            out = self.layer(self.x, attention_mask=self.mask, position_embeddings=self.pos_emb)
+            out = out[0] if isinstance(out, tuple) else out
+            out.float().square().mean().backward()
+        else:
+            self.model(**self.batch).loss.backward()
+
+    def step(self) -> None:
+        self.forward_backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.model.zero_grad(set_to_none=True)
+            self.x.grad = None
+
+    def timed_step(self) -> float:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.step()
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    def count_flops(self) -> int:
+        """FLOPs of forward + backward (the optimizer has no matmuls). On CPU the attention core is counted
+        through eager attention, since FlopCounterMode does not count PyTorch's CPU flash kernel."""
+        cfg = self.model.config
+        impl = cfg._attn_implementation
+        swap = self.device == "cpu" and impl == "sdpa"
+        if swap:
+            cfg._attn_implementation = "eager"
+            saved_mask = getattr(self, "mask", None)
+            if self.per_layer:
+                seq = self.x.shape[1]
+                self.mask = torch.full((seq, seq), float("-inf")).triu(1).to(self.x.dtype)[None, None]
+        try:
+            with FlopCounterMode(display=False) as counter:
+                self.forward_backward()
+        finally:
+            if swap:
+                cfg._attn_implementation = impl
+                if self.per_layer:
+                    self.mask = saved_mask
+        self.model.zero_grad(set_to_none=True)
+        if self.per_layer:
+            self.x.grad = None
+        return counter.get_total_flops()
+
+    def memory(self) -> int:
+        """Peak CUDA memory of one step, or on CPU the bytes autograd saves for the backward."""
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.step()
+            return torch.cuda.max_memory_allocated()
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                storages[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.forward_backward()
+        self.model.zero_grad(set_to_none=True)
+        if self.per_layer:
+            self.x.grad = None
+        return sum(storages.values())
+
+
+def run(bench: Bench, sources: list[str], rates: list[float], warmup: int, repeats: int,
+        progress=None) -> list[Variant]:
+    variants = [Variant("dense", None, 0.0)]
+    variants += [Variant(f"{s}@{r:g}", s, r) for s in sources for r in rates]
+    for v in variants:  # warm-up, FLOPs (history: after its statistics are seeded) and memory
+        with bench.variant(v):
+            for _ in range(warmup):
+                bench.step()
+            v.flops = bench.count_flops()
+            v.peak_memory_bytes = bench.memory()
+    for i in range(repeats):  # interleaved round-robin
+        for v in variants:
+            with bench.variant(v):
+                v.times.append(bench.timed_step())
+        if progress:
+            progress(i + 1, repeats)
+    return variants
+
+
+def summarize(variants: list[Variant], tokens: int) -> tuple[dict, list[dict]]:
+    dense = variants[0]
+    d_med = statistics.median(dense.times)
+
+    def row(v: Variant) -> dict:
+        med = statistics.median(v.times)
+        ideal = dense.flops / v.flops if v.flops else float("nan")
+        speed = d_med / med
+        q = statistics.quantiles(v.times, n=4) if len(v.times) >= 2 else [med, med, med]
+        return {"source": v.source or "dense", "rate": v.rate, "ideal_speedup": ideal, "speedup": speed,
+                "efficiency": speed / ideal if ideal else float("nan"), "tokens_per_second": tokens / med,
+                "peak_memory_bytes": v.peak_memory_bytes, "step_seconds_median": med,
+                "step_seconds_iqr": q[2] - q[0], "spread": (q[2] - q[0]) / med, "flops": v.flops,
+                "repeats": len(v.times)}
+
+    return row(dense), [row(v) for v in variants[1:]]
