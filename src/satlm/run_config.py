@@ -1,0 +1,414 @@
+"""Run configs for `satlm train` / `satlm compare`: typed dataclasses, YAML files and dotted overrides.
+
+A config is a `RunConfig`; YAML is only how it is stored. Every key can be overridden on the command
+line as `key=value` (`sat.omission_rate=0.3`, `data.train=corpus/`), the value parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import yaml
+
+from .config import SATConfig, SATConfigError, closest_key
+from .errors import RunConfigError
+
+TASKS = ("cpt", "sft")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TEMPLATES = ("auto", "builtin", "chat")
+EMBEDDED = "embedded"  # sentinel for `model:` and `data.*`: the demo assets that ship with satlm
+SHIPPED_CONFIGS = "configs"  # package-data folder (src/satlm/configs); top-level configs/ links to it
+
+
+@dataclass
+class DataConfig:
+    """Where the training and evaluation data come from and how they are cut."""
+
+    train: str = EMBEDDED
+    """Training data. cpt: a text file, a folder of text files, JSONL with a `text` field, or a local HF
+    dataset folder (save_to_disk). sft: JSONL (or a JSON list) of Alpaca records (`instruction`, `input`,
+    `output`) or chat records (`messages`). `embedded`: the demo corpus of this task."""
+    eval: str | None = None
+    """Held-out data in the same forms; null: split eval_fraction of the training documents off
+    (deterministically), or the demo's eval split when data.train is `embedded`."""
+    eval_fraction: float = 0.05
+    """Fraction of training documents held out for evaluation when data.eval is null."""
+    max_eval_samples: int | None = 256
+    """At most this many eval blocks (cpt) or examples (sft), the first ones in file order; null: all."""
+    text_field: str = "text"
+    """cpt: the JSONL / dataset field that holds the text."""
+    template: str = "auto"
+    """sft prompt format: auto (the tokenizer's chat template when it has one, else builtin), builtin
+    (### Instruction / ### Response), chat (the tokenizer's chat template, an error if it has none)."""
+    cache_dir: str | None = None
+    """Where the embedded demo data is written once; null: $SATLM_CACHE or ~/.cache/satlm."""
+
+
+@dataclass
+class SATSection(SATConfig):
+    """The `sat:` section: `enabled` plus every SATConfig field (see satlm.config.SATConfig)."""
+
+    enabled: bool = True
+    """Train with SAT (true) or dense (false). `satlm compare` runs both."""
+
+    def validate(self) -> "SATSection":
+        if not isinstance(self.enabled, bool):
+            raise SATConfigError(f"sat.enabled={self.enabled!r} must be true or false")
+        return super().validate()
+
+    def to_sat_config(self) -> SATConfig:
+        return SATConfig(**copy.deepcopy({f.name: getattr(self, f.name) for f in dataclasses.fields(SATConfig)}))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"enabled": self.enabled}
+        out.update(self.to_sat_config().to_dict())
+        return out
+
+
+@dataclass
+class RunConfig:
+    """One training run. Sizes are per device; one step is one optimizer update."""
+
+    task: str = "cpt"
+    """cpt (continual pre-training on packed text) or sft (supervised fine-tuning, loss on responses)."""
+    model: str = EMBEDDED
+    """A local checkpoint folder or a hub name; `embedded`: satlm's tiny pretrained Llama."""
+    output_dir: str = "runs/satlm"
+    """The run directory (config.yaml, metrics.jsonl, summary.json, checkpoint-N/, final/, plots/)."""
+    max_steps: int = 100
+    """Optimizer steps to train; the SAT schedule and the learning-rate schedule span them."""
+    batch_size: int = 8
+    """Sequences per device per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seq_len: int = 256
+    """Tokens per sequence: the packing block (cpt) or the truncation length (sft)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    lr_scheduler: str = "cosine"
+    """A transformers scheduler name: cosine, linear, constant, constant_with_warmup, ..."""
+    warmup: float = 0.05
+    """Linear warmup: a fraction of max_steps when below 1, else a number of steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+    optim: str = "adamw_torch_fused"
+    """A transformers optimizer name; fused AdamW is the fast one on CPU and GPU."""
+    seed: int = 42
+    """Seed of model-side randomness and of the data order (same seed, same batches)."""
+    save_steps: int = 500
+    """Write checkpoint-N/ every this many steps and at the end (for resume); 0: no checkpoints."""
+    save_total_limit: int | None = 2
+    """Keep at most this many checkpoints (the newest); null: keep all."""
+    eval_steps: int = 0
+    """Evaluate (dense) every this many steps; the run always evaluates at the end. 0: only at the end."""
+    eval_batch_size: int | None = None
+    """Sequences per evaluation batch; null: batch_size."""
+    logging_steps: int = 1
+    """Write a metrics.jsonl record every this many steps."""
+    precision: str = "auto"
+    """auto (bf16 mixed precision on a GPU that has it, else fp32), fp32, bf16 or fp16 (mixed precision)."""
+    attn_implementation: str | None = None
+    """eager, sdpa, flash_attention_2, ...; null: the transformers default."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward to save memory."""
+    tensorboard: bool = True
+    """Write TensorBoard logs to output_dir/tensorboard when tensorboard is installed."""
+    progress: bool = True
+    """Show a progress bar with tokens/s and ETA."""
+    resume: Union[bool, str] = False
+    """true: continue from the newest checkpoint-N in output_dir; a path: from that checkpoint."""
+    overwrite: bool = False
+    """Replace a previous run in output_dir (only the files a run writes are removed)."""
+    trainer_args: dict = field(default_factory=dict)
+    """Extra transformers.TrainingArguments (fsdp, deepspeed, ...), passed through as given."""
+    data: DataConfig = field(default_factory=DataConfig)
+    sat: SATSection = field(default_factory=SATSection)
+
+    def validate(self) -> "RunConfig":
+        _one_of("task", self.task, TASKS)
+        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("data.template", self.data.template, TEMPLATES)
+        for key in ("max_steps", "batch_size", "grad_accum", "logging_steps"):
+            _at_least(key, getattr(self, key), 1)
+        _at_least("seq_len", self.seq_len, 2)
+        for key in ("save_steps", "eval_steps"):
+            _at_least(key, getattr(self, key), 0)
+        if self.eval_batch_size is not None:
+            _at_least("eval_batch_size", self.eval_batch_size, 1)
+        if self.save_total_limit is not None:
+            _at_least("save_total_limit", self.save_total_limit, 1)
+        if self.data.max_eval_samples is not None:
+            _at_least("data.max_eval_samples", self.data.max_eval_samples, 1)
+        if not self.lr > 0:
+            raise RunConfigError(f"config key 'lr' must be > 0, got {self.lr!r}")
+        for key in ("warmup", "weight_decay", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                raise RunConfigError(f"config key {key!r} must be >= 0, got {getattr(self, key)!r}")
+        if not 0 < self.data.eval_fraction < 1:
+            raise RunConfigError(f"config key 'data.eval_fraction' must be in (0, 1), got {self.data.eval_fraction!r}")
+        if isinstance(self.resume, str) and not self.resume:
+            raise RunConfigError("config key 'resume' must be true, false or a checkpoint path, got ''")
+        return self
+
+    # -- conversion ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["data"] = dataclasses.asdict(self.data)
+        out["sat"] = self.sat.to_dict()
+        return out
+
+    def to_yaml(self, header: str | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return (f"# {header}\n" if header else "") + text
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "RunConfig":
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise RunConfigError(f"a run config must be a mapping of keys to values, got {type(raw).__name__}")
+        kwargs = _build_kwargs(cls, raw, "")
+        for name, section in (("data", DataConfig), ("sat", SATSection)):
+            sub = raw.get(name) or {}
+            if not isinstance(sub, dict):
+                raise RunConfigError(f"config key {name!r} is a section: give a mapping or set {name}.<field>=value")
+            try:
+                kwargs[name] = section(**_build_kwargs(section, sub, name + "."))
+            except SATConfigError as e:
+                raise SATConfigError(str(e).replace("SATConfig.", "sat.")) from None
+        return cls(**kwargs).validate()
+
+
+# -- keys and values -------------------------------------------------------------------------------------
+_SECTIONS = {"data": DataConfig, "sat": SATSection}
+
+
+def config_keys() -> list[str]:
+    """Every settable key, dotted: task, model, ..., data.train, ..., sat.enabled, sat.omission_rate, ..."""
+    keys = [f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS]
+    for name, section in _SECTIONS.items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(section)]
+    return keys
+
+
+def _unknown(key: str) -> RunConfigError:
+    return RunConfigError(f"unknown config key {key!r}{closest_key(key, config_keys())}")
+
+
+def _build_kwargs(cls, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or key not in names:
+            raise _unknown(f"{prefix}{key}")
+        if not prefix and key in _SECTIONS:
+            continue
+        out[key] = _coerce(prefix + key, value, hints[key])
+    return out
+
+
+def _describe(hint) -> str:
+    if hint is bool:
+        return "true or false"
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a number"
+    if hint is str:
+        return "a string"
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list"
+    if hint is dict or typing.get_origin(hint) is dict:
+        return "a mapping"
+    args = typing.get_args(hint)
+    return " or ".join("null" if a is type(None) else _describe(a) for a in args) or str(hint)
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """The value as the field's type, or a RunConfigError naming the key (YAML 1.1 reads 1e-4 as a string)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        candidates = [a for a in args if a is not type(None)]
+        for a in candidates:  # an exact type match first (resume: true stays a bool, a path stays a str)
+            if _matches(value, a):
+                return _coerce(key, value, a)
+        for a in candidates:
+            try:
+                return _coerce(key, value, a)
+            except RunConfigError:
+                pass
+        raise RunConfigError(f"config key {key!r} expects {_describe(hint)}, got {value!r}")
+    bad = RunConfigError(f"config key {key!r} expects {_describe(hint)}, got {value!r}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise bad
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise bad
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if origin in (list, tuple) or hint in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise bad
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad
+    return value
+
+
+def _matches(value: Any, hint) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, hint) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(hint) or hint
+    return isinstance(origin, type) and isinstance(value, origin)
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise RunConfigError(f"config key {key!r} is {value!r}; choose one of {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise RunConfigError(f"config key {key!r} must be >= {low}, got {value!r}")
+
+
+# -- files and overrides ---------------------------------------------------------------------------------
+def shipped_configs() -> dict[str, Path]:
+    """The YAML configs that ship inside the package, by name (demo-cpt, demo-sft, ...)."""
+    from importlib import resources
+
+    folder = resources.files("satlm") / SHIPPED_CONFIGS
+    if not folder.is_dir():
+        return {}
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith((".yaml", ".yml"))}
+
+
+def find_config(name: str) -> Path:
+    """A config file path: an existing file, else a shipped config by name or by its configs/ path."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    stem = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else path.name
+    if stem in shipped and (path.parent in (Path("."), Path(SHIPPED_CONFIGS))):
+        return shipped[stem]
+    names = ", ".join(sorted(shipped)) or "none"
+    raise RunConfigError(f"config file {name!r} not found (shipped configs: {names})")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise RunConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise RunConfigError(f"config file {str(path)!r}{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise RunConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return raw or {}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`key=value` strings applied to a raw config dict; values parsed as YAML (`0.5`, `true`, `[0, -1]`)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RunConfigError(f"override {item!r} is not key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        parts = key.split(".")
+        if parts[0] == "trainer_args" and len(parts) > 1:
+            raw.setdefault("trainer_args", {})
+            node = raw["trainer_args"]
+            for p in parts[1:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+            continue
+        if key not in config_keys():
+            if key in _SECTIONS:
+                raise RunConfigError(f"config key {key!r} is a section: set {key}.<field>=value")
+            raise _unknown(key)
+        if len(parts) == 2:
+            section = raw.get(parts[0])
+            if section is None:
+                section = raw[parts[0]] = {}
+            if not isinstance(section, dict):
+                raise RunConfigError(f"config key {parts[0]!r} is a section: give a mapping")
+            section[parts[1]] = value
+        else:
+            raw[key] = value
+    return raw
+
+
+def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A RunConfig from a YAML file (or the defaults) plus dotted `key=value` overrides."""
+    raw = read_config_file(find_config(str(path))) if path is not None else {}
+    return RunConfig.from_dict(apply_overrides(raw, overrides))
+
+
+__all__ = [
+    "DataConfig",
+    "RunConfig",
+    "SATSection",
+    "apply_overrides",
+    "config_keys",
+    "find_config",
+    "load_run_config",
+    "read_config_file",
+    "shipped_configs",
+    "EMBEDDED",
+]
