@@ -1,0 +1,464 @@
+"""Training and evaluation data for the recipes: read, split, tokenize, pack (cpt) or mask prompts (sft).
+
+cpt: documents from text files, folders, JSONL (`text`) or a local HF dataset, each wrapped as
+     <bos> text <eos>, concatenated and cut into blocks of seq_len tokens; the ragged tail is dropped.
+sft: Alpaca records (instruction/input/output) or chat records (messages), rendered with the tokenizer's
+     chat template or a built-in one; labels are -100 on everything but the responses.
+When no eval data is given, a fixed fraction of the documents (examples) is held out by a hash of its
+content, so the split does not depend on file order, the process or the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ..run_config import EMBEDDED, RunConfig
+
+TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".markdown", ".rst", ".py", ".tex", ".html", ".htm"})
+JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+IGNORE_INDEX = -100  # label of tokens that carry no loss
+ROLES = ("system", "user", "assistant")
+DEMO_FILES = {("cpt", "train"): "cpt_train.jsonl", ("cpt", "eval"): "cpt_eval.jsonl",
+              ("sft", "train"): "sft_train.jsonl", ("sft", "eval"): "sft_eval.jsonl"}
+EVAL_SPLITS = ("validation", "eval", "test")
+
+
+# -- where the data is -----------------------------------------------------------------------------------
+def demo_data_dir(cache_dir: str | None = None) -> Path:
+    """The embedded demo data (written once from the standard library by satlm.recipes.corpus)."""
+    from .. import __version__
+
+    root = Path(cache_dir or os.environ.get("SATLM_CACHE") or "~/.cache/satlm").expanduser()
+    out = root / f"demo-py{sys.version_info[0]}.{sys.version_info[1]}-satlm{__version__}"
+    if all((out / name).is_file() for name in DEMO_FILES.values()):
+        return out
+    from .corpus import write_demo_data
+
+    tmp = root / f".{out.name}.tmp-{os.getpid()}"
+    write_demo_data(tmp)
+    try:
+        os.replace(tmp, out)  # whole or not at all; another process may have won the race
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_data(spec: str, task: str, split: str, cache_dir: str | None = None) -> Path:
+    if spec == EMBEDDED:
+        return demo_data_dir(cache_dir) / DEMO_FILES[(task, split)]
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data.{split}: {spec!r} does not exist")
+    return path
+
+
+# -- reading records -------------------------------------------------------------------------------------
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each non-blank line; `where` is 'file:line'."""
+    n = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+                yield f"{path}:{n}", record
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{n + 1}: not UTF-8 text") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _read_json_list(path: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {i} is a {type(record).__name__}, expected a JSON object")
+        yield f"{path}[{i}]", record
+
+
+def is_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def _hf_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path} is a Hugging Face dataset folder: reading it needs `pip install datasets`") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        names = ["train"] if split == "train" else list(EVAL_SPLITS)
+        found = [n for n in names if n in ds] or (list(ds) if len(ds) == 1 else [])
+        if not found:
+            raise DataError(f"{path}: no {' or '.join(names)} split (splits: {', '.join(ds)})")
+        ds = ds[found[0]]
+    for i, row in enumerate(ds):
+        yield f"{path}[{i}]", row
+
+
+def hf_eval_split(path: Path) -> bool:
+    """Whether a HF DatasetDict folder holds its own eval split (used when data.eval is null)."""
+    if not (path / "dataset_dict.json").is_file():
+        return False
+    splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    return any(s in splits for s in EVAL_SPLITS)
+
+
+def _files(path: Path, suffixes: frozenset[str]) -> list[Path]:
+    if path.is_file():
+        return [path]
+    found = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in suffixes and not any(part.startswith(".") for part in p.parts)
+    )
+    if not found:
+        raise DataError(f"{path}: folder holds no data files ({', '.join(sorted(suffixes))})")
+    return found
+
+
+def iter_records(path: Path, split: str = "train") -> Iterator[tuple[str, dict | str]]:
+    """(where, record) from a file, a folder or a HF dataset; plain text files give one string each."""
+    if is_hf_dataset(path):
+        yield from _hf_rows(path, split)
+        return
+    for f in _files(path, TEXT_SUFFIXES | JSONL_SUFFIXES):  # a folder's .json files are often metadata
+        suffix = f.suffix.lower()
+        if suffix in JSONL_SUFFIXES:
+            yield from read_jsonl(f)
+        elif suffix == ".json":
+            yield from _read_json_list(f)
+        else:
+            yield str(f), _read_text(f)
+
+
+def load_documents(path: Path, text_field: str = "text", split: str = "train") -> list[str]:
+    """cpt: the non-empty texts of a file, folder, JSONL or HF dataset, in order."""
+    docs = []
+    for where, record in iter_records(path, split):
+        if isinstance(record, dict):
+            if text_field not in record:
+                raise DataError(f"{where}: missing field {text_field!r}")
+            record = record[text_field]
+            if not isinstance(record, str):
+                raise DataError(f"{where}: field {text_field!r} must be a string, got {type(record).__name__}")
+        if record.strip():
+            docs.append(record)
+    if not docs:
+        raise DataError(f"{path}: holds no text")
+    return docs
+
+
+def to_messages(record: dict, where: str) -> list[dict]:
+    """An SFT record as chat messages: Alpaca (instruction, input, output) or `messages` as given."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] must be {{\"role\": one of {'/'.join(ROLES)}, "
+                                "\"content\": a string}")
+        roles = [m["role"] for m in messages]
+        if "assistant" not in roles or "user" not in roles[: roles.index("assistant")]:
+            raise DataError(f"{where}: 'messages' needs a user message followed by an assistant message")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    for key in ("instruction", "output"):
+        if key not in record:
+            raise DataError(f"{where}: missing field {key!r} (an SFT record needs instruction/output, "
+                            "optionally input, or messages)")
+    for key in ("instruction", "input", "output"):
+        if key in record and record[key] is not None and not isinstance(record[key], str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
+    prompt = record["instruction"]
+    if record.get("input"):
+        prompt = f"{prompt}\n\n{record['input']}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+
+
+def load_conversations(path: Path, split: str = "train") -> list[tuple[str, list[dict]]]:
+    """sft: (where, messages) for every record of a file, folder or HF dataset."""
+    out = []
+    for where, record in iter_records(path, split):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: sft data must be JSONL or JSON records, not plain text")
+        out.append((where, to_messages(record, where)))
+    if not out:
+        raise DataError(f"{path}: holds no examples")
+    return out
+
+
+def detect_task(path: Path) -> str:
+    """sft when the first record has Alpaca or chat fields, else cpt."""
+    for _, record in iter_records(path, "eval"):
+        return "sft" if isinstance(record, dict) and ("messages" in record or "instruction" in record) else "cpt"
+    return "cpt"
+
+
+# -- splitting -------------------------------------------------------------------------------------------
+def _unit_hash(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def split_held_out(items: list, fraction: float, key: Callable[[Any], str] = str) -> tuple[list, list]:
+    """(train, held out): an item is held out when the hash of its content falls below `fraction`;
+    at least one item on each side when there are two or more."""
+    hashes = [_unit_hash(key(x)) for x in items]
+    held = {i for i, h in enumerate(hashes) if h < fraction}
+    if not held and len(items) >= 2:
+        held = {min(range(len(items)), key=hashes.__getitem__)}
+    if len(held) == len(items) and len(items) >= 2:
+        held.discard(max(range(len(items)), key=hashes.__getitem__))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+# -- tokenizing ------------------------------------------------------------------------------------------
+def ensure_pad_token(tokenizer) -> None:
+    """Padding needs an id; a tokenizer without a pad token pads with EOS (masked out of attention and loss)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+
+
+def _wrap_ids(tokenizer) -> tuple[list[int], list[int]]:
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return ([bos] if bos is not None and bos != eos else []), ([eos] if eos is not None else [])
+
+
+def pack_blocks(docs: list[str], tokenizer, seq_len: int, name: str = "data") -> torch.Tensor:
+    """<bos> doc <eos> <bos> doc <eos> ... cut into (n_blocks, seq_len) int64; the ragged tail is dropped."""
+    head, tail = _wrap_ids(tokenizer)
+    chunks, total = [], 0
+    for start in range(0, len(docs), 512):
+        for ids in tokenizer(docs[start:start + 512], add_special_tokens=False, verbose=False)["input_ids"]:
+            chunks.append(np.asarray(head + ids + tail, dtype=np.int64))
+            total += len(chunks[-1])
+    n_blocks = total // seq_len
+    if n_blocks == 0:
+        raise DataError(f"{name}: {total} tokens, fewer than one block of seq_len={seq_len}")
+    stream = np.concatenate(chunks)[: n_blocks * seq_len]
+    return torch.from_numpy(stream).view(n_blocks, seq_len)
+
+
+def _builtin_segments(messages: list[dict], tokenizer) -> list[tuple[str | list[int], bool]]:
+    """### System / ### Instruction / ### Response, each response followed by EOS."""
+    head, tail = _wrap_ids(tokenizer)
+    segments: list[tuple[str | list[int], bool]] = [(head, False)] if head else []
+    for m in messages:
+        if m["role"] == "assistant":
+            segments += [("### Response:\n", False), (m["content"], True), (tail, True), ("\n\n", False)]
+        else:
+            title = "System" if m["role"] == "system" else "Instruction"
+            segments.append((f"### {title}:\n{m['content']}\n\n", False))
+    return segments
+
+
+def _chat_segments(messages: list[dict], tokenizer, where: str) -> list[tuple[str, bool]]:
+    """The chat template's text cut at each assistant turn (needs a template whose renders are prefixes)."""
+    def render(msgs, prompt):
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+        except Exception as e:  # jinja raises its own errors (roles must alternate, ...)
+            raise DataError(f"{where}: the tokenizer's chat template rejected this example: {e}") from None
+
+    segments, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise DataError(f"{where}: the chat template does not render turns as prefixes of each other; "
+                            "set data.template=builtin")
+        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    rest = render(messages, False)[len(done):]
+    return segments + ([(rest, False)] if rest else [])
+
+
+def uses_chat_template(tokenizer, template: str) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has:
+        raise DataError("data.template=chat, but the tokenizer has no chat template; use auto or builtin")
+    return template == "chat" or (template == "auto" and has)
+
+
+def encode_conversation(messages: list[dict], tokenizer, seq_len: int, chat: bool, where: str = "example"):
+    """{'input_ids', 'labels'} (lists, truncated to seq_len), or None when truncation leaves no response token."""
+    segments = _chat_segments(messages, tokenizer, where) if chat else _builtin_segments(messages, tokenizer)
+    ids: list[int] = []
+    labels: list[int] = []
+    for part, trained in segments:
+        part_ids = part if isinstance(part, list) else tokenizer(part, add_special_tokens=False)["input_ids"]
+        ids += part_ids
+        labels += part_ids if trained else [IGNORE_INDEX] * len(part_ids)
+        if len(ids) >= seq_len:
+            break
+    ids, labels = ids[:seq_len], labels[:seq_len]
+    if all(label == IGNORE_INDEX for label in labels[1:]):  # the first label is never predicted
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+# -- datasets and collators ------------------------------------------------------------------------------
+class BlockDataset(torch.utils.data.Dataset):
+    """Packed fixed-length blocks; labels are the inputs (the model shifts them)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks  # (n_blocks, seq_len)
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+    def num_tokens(self) -> int:
+        return self.blocks.numel()
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+    def num_tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.examples)
+
+
+def collate_blocks(batch: list[dict]) -> dict[str, torch.Tensor]:
+    ids = torch.stack([b["input_ids"] for b in batch])  # (B, T)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+@dataclass
+class SFTCollator:
+    """Right-pads a batch to its longest example; padding is masked out of attention and loss."""
+
+    pad_token_id: int
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collator_for(task: str, tokenizer) -> Callable:
+    if task == "cpt":
+        return collate_blocks
+    ensure_pad_token(tokenizer)
+    return SFTCollator(tokenizer.pad_token_id)
+
+
+@dataclass
+class RunData:
+    train: torch.utils.data.Dataset
+    eval: torch.utils.data.Dataset
+    collator: Callable
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _sft_examples(convs, tokenizer, seq_len, chat, name) -> tuple[list[dict], int]:
+    examples = [encode_conversation(m, tokenizer, seq_len, chat, where) for where, m in convs]
+    kept = [e for e in examples if e is not None]
+    if not kept:
+        raise DataError(f"{name}: no example keeps a response token within seq_len={seq_len}")
+    return kept, len(examples) - len(kept)
+
+
+def build_datasets(cfg: RunConfig, tokenizer) -> RunData:
+    """The train and eval datasets and the collator of a run config."""
+    d, task = cfg.data, cfg.task
+    train_path = resolve_data(d.train, task, "train", d.cache_dir)
+    eval_spec = d.eval if d.eval is not None else (EMBEDDED if d.train == EMBEDDED else None)
+    eval_path = resolve_data(eval_spec, task, "eval", d.cache_dir) if eval_spec is not None else None
+    if eval_path is None and is_hf_dataset(train_path) and hf_eval_split(train_path):
+        eval_path = train_path
+    cap = d.max_eval_samples
+    info: dict[str, Any] = {"train_path": str(train_path), "eval_path": str(eval_path) if eval_path else "held out"}
+
+    if task == "cpt":
+        docs = load_documents(train_path, d.text_field, "train")
+        if eval_path is not None:
+            train_docs, eval_docs = docs, load_documents(eval_path, d.text_field, "eval")
+        else:
+            train_docs, eval_docs = split_held_out(docs, d.eval_fraction)
+        train_blocks = pack_blocks(train_docs, tokenizer, cfg.seq_len, str(train_path))
+        if eval_docs:
+            eval_blocks = pack_blocks(eval_docs, tokenizer, cfg.seq_len, f"{eval_path or train_path} (eval)")
+        else:  # a single document: hold out its last blocks
+            n_eval = max(1, round(d.eval_fraction * len(train_blocks)))
+            if len(train_blocks) < 2:
+                raise DataError(f"{train_path}: one block of seq_len={cfg.seq_len}; too little to hold out eval data")
+            train_blocks, eval_blocks = train_blocks[:-n_eval], train_blocks[-n_eval:]
+        train_ds, eval_ds = BlockDataset(train_blocks), BlockDataset(eval_blocks[:cap] if cap else eval_blocks)
+        info.update(train_documents=len(train_docs), eval_documents=len(eval_docs))
+    else:
+        chat = uses_chat_template(tokenizer, d.template)
+        convs = load_conversations(train_path, "train")
+        if eval_path is not None:
+            train_convs, eval_convs = convs, load_conversations(eval_path, "eval")
+        else:
+            train_convs, eval_convs = split_held_out(convs, d.eval_fraction, key=lambda c: json.dumps(c[1]))
+            if not eval_convs:
+                raise DataError(f"{train_path}: one example; too little to hold out eval data (set data.eval)")
+        train_ex, dropped = _sft_examples(train_convs, tokenizer, cfg.seq_len, chat, str(train_path))
+        eval_ex, eval_dropped = _sft_examples(eval_convs[:cap] if cap else eval_convs, tokenizer, cfg.seq_len,
+                                              chat, f"{eval_path or train_path} (eval)")
+        train_ds, eval_ds = SFTDataset(train_ex), SFTDataset(eval_ex)
+        info.update(template="chat" if chat else "builtin", dropped_examples=dropped + eval_dropped)
+    info.update(train_examples=len(train_ds), eval_examples=len(eval_ds), train_tokens=train_ds.num_tokens())
+    return RunData(train_ds, eval_ds, collator_for(task, tokenizer), info)
+
+
+def build_eval_dataset(path: Path, task: str, tokenizer, seq_len: int, template: str = "auto",
+                       max_samples: int | None = None, text_field: str = "text") -> torch.utils.data.Dataset:
+    """Held-out data alone, for `satlm eval`."""
+    if task == "cpt":
+        blocks = pack_blocks(load_documents(path, text_field, "eval"), tokenizer, seq_len, str(path))
+        return BlockDataset(blocks[:max_samples] if max_samples else blocks)
+    convs = load_conversations(path, "eval")
+    chat = uses_chat_template(tokenizer, template)
+    examples, _ = _sft_examples(convs[:max_samples] if max_samples else convs, tokenizer, seq_len, chat, str(path))
+    return SFTDataset(examples)
