@@ -1,0 +1,88 @@
+"""SATCallback: drives the SAT schedule inside any transformers.Trainer (TRL's SFTTrainer included).
+
+    model = apply_sat(AutoModelForCausalLM.from_pretrained(...), SATConfig(omission_rate=0.5))
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[SATCallback()])
+    trainer.train()                      # or trainer.train(resume_from_checkpoint=True)
+
+Before each optimizer step it tells the model where training is (step of max_steps), so the omission
+schedule advances; it adds the current rates to the Trainer's logs; on every checkpoint it writes
+`sat_state.pt` (schedule position, selection RNG states, history statistics) beside the weights, and on
+resume it reads it back, so that a resumed run selects exactly what an uninterrupted one would have.
+Evaluation needs nothing: SAT layers run dense whenever the model is in eval mode.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from transformers import TrainerCallback
+
+from ..config import SATConfig
+from ..modeling.patch import _unwrap, apply_sat, load_sat_state_dict, sat_state_dict, set_sat_step
+
+SAT_STATE_NAME = "sat_state.pt"
+CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
+
+
+class SATCallback(TrainerCallback):
+    """Advance the SAT schedule per optimizer step, log the rates, save and restore SAT state with checkpoints.
+
+    Args:
+        config: applied to the model at the start of training if SAT is not applied yet; None expects
+            a model already prepared with `satlm.apply_sat`.
+        resume_from_checkpoint: the checkpoint folder to read `sat_state.pt` from on resume; None: the
+            Trainer's `output_dir/checkpoint-<step>` of the step training resumes at.
+    """
+
+    def __init__(self, config: SATConfig | None = None, resume_from_checkpoint: str | None = None):
+        self.config = config
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self.rates: tuple[float, float] | None = None  # (attention, MLP) of the latest step
+
+    @staticmethod
+    def _model(model):
+        if model is None:
+            raise ValueError("SATCallback needs the Trainer to pass its model to callbacks")
+        return _unwrap(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model = self._model(model)
+        if getattr(model, "sat_runtime", None) is None:
+            if self.config is None:
+                raise ValueError("the model has no SAT applied: call satlm.apply_sat(model, config) before "
+                                 "training, or pass SATCallback(config=...)")
+            apply_sat(model, self.config)
+        if state.global_step > 0:
+            folder = self.resume_from_checkpoint or os.path.join(
+                args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
+            path = os.path.join(folder, SAT_STATE_NAME)
+            if os.path.isfile(path):
+                load_sat_state_dict(model, torch.load(path, map_location="cpu", weights_only=True))
+            else:
+                warnings.warn(f"resuming at step {state.global_step} without {path}: the SAT schedule continues "
+                              "from that step, but unit selection restarts from its seed", stacklevel=2)
+        self.rates = set_sat_step(model, state.global_step, state.max_steps)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        # Called once per optimizer step (before its first micro-batch); global_step counts finished steps.
+        self.rates = set_sat_step(self._model(model), state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or self.rates is None:
+            return
+        rates = {"attn_omission_rate": self.rates[0], "mlp_omission_rate": self.rates[1]}
+        logs.update(rates)  # callbacks after this one (and the log history) see the rates
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(rates)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(sat_state_dict(self._model(model)), os.path.join(folder, SAT_STATE_NAME))
+
+
+__all__ = ["SATCallback", "SAT_STATE_NAME"]

@@ -1,0 +1,107 @@
+"""`satlm compare`: the same run dense and with SAT (same data order, same seed), side by side.
+
+    output_dir/dense/  output_dir/sat/   two run directories (see recipes/train.py)
+    output_dir/compare.json              dense, sat (their summaries), speedup (tokens/s ratio),
+                                         eval_loss_ratio (sat / dense)
+    output_dir/compare.png               loss against tokens and against wall-clock, both runs
+
+With resume=true a finished run is reused and an interrupted one continues from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import RunConfigError
+from ..run_config import RunConfig
+from .model_io import check_supported, resolve_model_path
+from .plots import plot_compare
+from .train import SUMMARY_NAME, checkpoints, run_train
+
+COMPARE_JSON, COMPARE_PNG = "compare.json", "compare.png"
+MODES = ("dense", "sat")
+
+
+def mode_config(cfg: RunConfig, mode: str) -> RunConfig:
+    """The config of one side: output_dir/<mode>, SAT on for 'sat' and off for 'dense'."""
+    sub = copy.deepcopy(cfg)
+    sub.output_dir = str(Path(cfg.output_dir) / mode)
+    sub.sat.enabled = mode == "sat"
+    if cfg.resume is not False:  # continue where each side stopped; a fresh start where nothing was saved
+        has_checkpoint = bool(checkpoints(Path(sub.output_dir)))
+        sub.resume, sub.overwrite = (True, False) if has_checkpoint else (False, True)
+    return sub
+
+
+def _finished(run_dir: Path) -> dict | None:
+    path = run_dir / SUMMARY_NAME
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        if summary.get("completed"):
+            return summary
+    return None
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def run_compare(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> dict:
+    out = Path(cfg.output_dir)
+    if (out / COMPARE_JSON).exists() and cfg.resume is False and not cfg.overwrite:
+        raise RunConfigError(f"output_dir {out} already holds a comparison; set overwrite=true to replace it "
+                             "or resume=true to continue it")
+    check_supported(resolve_model_path(cfg.model))  # before the dense run, not after it
+    summaries = {}
+    for mode in MODES:
+        sub = mode_config(cfg, mode)
+        done = _finished(Path(sub.output_dir)) if cfg.resume is not False else None
+        if done is not None:
+            if not quiet:
+                print(f"satlm compare: reusing the finished {mode} run in {sub.output_dir}")
+            summaries[mode] = done
+        else:
+            summaries[mode] = run_train(sub, callbacks=callbacks, quiet=quiet)
+    dense, sat = summaries["dense"], summaries["sat"]
+    result = {
+        "dense": dense,
+        "sat": sat,
+        "speedup": _ratio(sat["tokens_per_second"], dense["tokens_per_second"]),
+        "eval_loss_ratio": _ratio(sat["eval_loss"], dense["eval_loss"]),
+        "wall_time_ratio": _ratio(sat["wall_seconds"], dense["wall_seconds"]),
+        "config": cfg.to_dict(),
+    }
+    (out / COMPARE_JSON).write_text(json.dumps(result, indent=2) + "\n")
+    plot_compare({m: out / m for m in MODES}, out / COMPARE_PNG)
+    if not quiet:
+        print_table(result, out)
+    return result
+
+
+def print_table(result: dict, out: Path | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="dense vs SAT" + (f" ({out})" if out else ""))
+    for col in ("mode", "tokens/s", "wall time", "train loss", "eval loss", "perplexity", "speedup"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    for mode in MODES:
+        s = result[mode]
+        speedup = 1.0 if mode == "dense" else result["speedup"]
+        table.add_row(mode, fmt(s["tokens_per_second"], ",.0f"), fmt(s["wall_seconds"], ".1f") + " s",
+                      fmt(s["train_loss"], ".4f"), fmt(s["eval_loss"], ".4f"), fmt(s["eval_perplexity"], ".2f"),
+                      fmt(speedup, ".2f") + "x")
+    console = Console(width=100)
+    console.print(table)
+    ratio = result["eval_loss_ratio"]
+    if ratio is not None:
+        console.print(f"SAT eval loss is {100 * (ratio - 1):+.2f}% relative to dense; "
+                      f"tokens/s {fmt(result['speedup'], '.2f')}x" + (f"; wrote {out / COMPARE_JSON} and "
+                                                                      f"{out / COMPARE_PNG}" if out else ""))

@@ -1,0 +1,77 @@
+"""Loading the model and tokenizer a run names, with errors that say what is wrong in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from ..modeling.adapters import ADAPTERS, UnsupportedModelError
+from ..run_config import EMBEDDED
+
+
+def resolve_model_path(spec: str) -> str:
+    """A local folder or hub name; `embedded` is satlm's tiny pretrained base model."""
+    if spec != EMBEDDED:
+        return spec
+    try:
+        from ..assets import base_model_path
+    except ImportError:
+        raise ModelLoadError("the embedded base model is not installed (satlm.assets is missing); "
+                             "build it with `satlm pretrain-base` or set model=PATH") from None
+    path = Path(base_model_path())
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"the embedded base model is missing from {path}; build it with `satlm pretrain-base`")
+    return str(path)
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def load_model_config(path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # OSError, ValueError, HF's own errors: all mean "not a model here"
+        raise ModelLoadError(f"cannot load a model config from {path!r}: {_one_line(e)}") from None
+
+
+def check_supported(path: str) -> None:
+    """UnsupportedModelError before anything is trained, from the config alone (no weights loaded)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = load_model_config(path)
+    names = list(getattr(config, "architectures", None) or [])
+    names.append(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type))
+    if not any(n in ADAPTERS for n in names):
+        raise UnsupportedModelError(
+            f"satlm does not support {names[0]} (model_type {config.model_type!r}) from {path}; "
+            f"supported model classes: {', '.join(sorted(ADAPTERS))}"
+        )
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {path!r}: {_one_line(e)}") from None
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """A causal LM with weights in `dtype` (fp32 master weights for mixed-precision training)."""
+    from transformers import AutoModelForCausalLM
+
+    load_model_config(path)  # a clear error for a path that is not a model at all
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load a causal LM from {path!r}: {_one_line(e)}") from None

@@ -1,0 +1,88 @@
+"""Plots from a run directory's saved JSON: one run (plots/training.png) and dense vs SAT (compare.png)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .recorder import EVAL_NAME, METRICS_NAME, read_jsonl_records
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ema(values: list[float], beta: float = 0.9) -> list[float]:
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else beta * avg + (1 - beta) * v
+        out.append(avg)
+    return out
+
+
+def plot_run(run_dir: Path) -> Path | None:
+    """plots/training.png: loss against tokens (train, smoothed, and eval), omission rates, tokens/s."""
+    run_dir = Path(run_dir)
+    records = read_jsonl_records(run_dir / METRICS_NAME)
+    evals = read_jsonl_records(run_dir / EVAL_NAME)
+    if not records:
+        return None
+    plt = _pyplot()
+    steps = [r["step"] for r in records]
+    tokens = [r["tokens"] for r in records]
+    fig, (ax_loss, ax_rate, ax_speed) = plt.subplots(1, 3, figsize=(15, 4))
+    losses = [r["loss"] for r in records]
+    ax_loss.plot(tokens, losses, color="C0", alpha=0.3, lw=0.8)
+    ax_loss.plot(tokens, _ema(losses), color="C0", label="train (EMA)")
+    if evals:
+        ax_loss.plot([e["tokens"] for e in evals], [e["eval_loss"] for e in evals], "o-", color="C3", label="eval")
+    ax_loss.set(xlabel="tokens", ylabel="loss", title="loss")
+    ax_loss.legend()
+    ax_rate.plot(steps, [r["attn_omission_rate"] for r in records], label="attention")
+    ax_rate.plot(steps, [r["mlp_omission_rate"] for r in records], label="MLP")
+    ax_rate.set(xlabel="step", ylabel="omission rate", title="SAT omission rate", ylim=(-0.02, 1.0))
+    ax_rate.legend()
+    speed = [(s, r["tokens_per_second"]) for s, r in zip(steps, records) if r.get("tokens_per_second")]
+    if speed:
+        ax_speed.plot([s for s, _ in speed], _ema([v for _, v in speed]), color="C2")
+    ax_speed.set(xlabel="step", ylabel="tokens/s", title="throughput (EMA)")
+    fig.tight_layout()
+    out = run_dir / "plots" / "training.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_compare(runs: dict[str, Path], out: Path) -> Path:
+    """compare.png: training and eval loss against tokens and against wall-clock seconds, one line per run."""
+    plt = _pyplot()
+    fig, (ax_tok, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (label, run_dir) in enumerate(runs.items()):
+        records = read_jsonl_records(Path(run_dir) / METRICS_NAME)
+        evals = read_jsonl_records(Path(run_dir) / EVAL_NAME)
+        if not records:
+            continue
+        color = f"C{i}"
+        smooth = _ema([r["loss"] for r in records])
+        ax_tok.plot([r["tokens"] for r in records], smooth, color=color, label=f"{label} train (EMA)")
+        ax_time.plot([r["elapsed_seconds"] for r in records], smooth, color=color, label=f"{label} train (EMA)")
+        if evals:
+            ax_tok.plot([e["tokens"] for e in evals], [e["eval_loss"] for e in evals], "o--", color=color,
+                        label=f"{label} eval")
+            ax_time.plot([e["elapsed_seconds"] for e in evals], [e["eval_loss"] for e in evals], "o--",
+                         color=color, label=f"{label} eval")
+    ax_tok.set(xlabel="training tokens", ylabel="loss", title="loss vs tokens")
+    ax_time.set(xlabel="wall-clock seconds", ylabel="loss", title="loss vs wall-clock")
+    for ax in (ax_tok, ax_time):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

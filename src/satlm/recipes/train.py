@@ -1,0 +1,266 @@
+"""`satlm train`: continual pre-training or SFT on transformers.Trainer, with SAT on or off.
+
+A flat recipe: setup (output dir, model, data, Trainer) -> train -> save -> cleanup. The run directory:
+
+    config.yaml      the resolved config
+    metrics.jsonl    one record per logged step: step, loss, lr, attn_omission_rate, mlp_omission_rate,
+                     tokens_per_second, elapsed_seconds (+ train_seconds, tokens, grad_norm)
+    eval.jsonl       one record per (dense) evaluation: step, eval_loss, eval_perplexity, ...
+    summary.json     steps, tokens, wall_seconds, tokens_per_second, train_loss, eval_loss, eval_perplexity
+    checkpoint-N/    for resume (the Trainer's files plus sat_state.pt)
+    final/           a plain HF model and tokenizer
+    plots/           training.png
+    tensorboard/     when tensorboard is installed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import DataError, RunConfigError
+from ..run_config import RunConfig
+from .data import build_datasets
+from .evaluate import evaluate_loss
+from .model_io import check_supported, load_model, load_tokenizer, resolve_model_path
+from .plots import plot_run
+from .recorder import EVAL_NAME, METRICS_NAME, RunRecorder
+
+CONFIG_NAME, SUMMARY_NAME, FINAL_DIR = "config.yaml", "summary.json", "final"
+RUN_FILES = (CONFIG_NAME, METRICS_NAME, EVAL_NAME, SUMMARY_NAME, FINAL_DIR, "plots", "tensorboard")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+# -- output directory ------------------------------------------------------------------------------------
+def checkpoints(out_dir: Path) -> list[Path]:
+    """checkpoint-N folders that the Trainer finished writing (trainer_state.json is written last), oldest first."""
+    found = []
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            m = _CHECKPOINT.match(p.name)
+            if m and p.is_dir() and (p / "trainer_state.json").is_file():
+                found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def plan_output_dir(cfg: RunConfig) -> tuple[str | None, list[Path]]:
+    """(checkpoint to resume from or None, files of a previous run to remove); raises before anything changes."""
+    out = Path(cfg.output_dir)
+    if cfg.resume is not False:
+        if isinstance(cfg.resume, str):
+            if not (Path(cfg.resume) / "trainer_state.json").is_file():
+                raise RunConfigError(f"resume={cfg.resume!r} is not a checkpoint folder (no trainer_state.json)")
+            return cfg.resume, []
+        found = checkpoints(out)
+        if not found:
+            raise RunConfigError(f"resume=true, but {out} holds no checkpoint-N/ to resume from")
+        return str(found[-1]), []
+    if out.exists() and not out.is_dir():
+        raise RunConfigError(f"output_dir {out} is a file")
+    previous = [out / name for name in RUN_FILES if (out / name).exists()]
+    previous += [p for p in (out.iterdir() if out.is_dir() else []) if _CHECKPOINT.match(p.name)]
+    if previous and not cfg.overwrite:
+        raise RunConfigError(f"output_dir {out} already holds a run; set resume=true to continue it "
+                             "or overwrite=true to replace it")
+    return None, previous
+
+
+def prepare_output_dir(cfg: RunConfig, stale: list[Path]) -> Path:
+    """Remove a previous run's files (only what a run writes, never the rest of the folder) and create the dir."""
+    out = Path(cfg.output_dir)
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunConfigError(f"cannot create output_dir {out}: {e.strerror or e}") from None
+    return out
+
+
+# -- setup -----------------------------------------------------------------------------------------------
+def _precision(cfg: RunConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def check_trainer_args(cfg: RunConfig) -> None:
+    """Every trainer_args key must be a transformers.TrainingArguments field."""
+    from transformers import TrainingArguments
+
+    from ..config import closest_key
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in cfg.trainer_args:
+        if key not in names:
+            raise RunConfigError(f"trainer_args.{key} is not a transformers.TrainingArguments field"
+                                 f"{closest_key(key, names)}")
+
+
+def training_arguments(cfg: RunConfig, precision: str):
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    warmup = cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * cfg.max_steps)
+    kwargs = dict(
+        output_dir=cfg.output_dir,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=int(warmup),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        eval_strategy="no",  # the RunRecorder evaluates (token-weighted, dense)
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_drop_last=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="all" if cfg.task == "cpt" else "non_padding",
+        report_to="none",  # the RunRecorder writes TensorBoard itself, with the SAT rates
+        disable_tqdm=False,
+    )
+    ckpt_key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    kwargs[ckpt_key] = cfg.gradient_checkpointing
+    check_trainer_args(cfg)
+    kwargs.update(cfg.trainer_args)
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunConfigError(f"invalid training arguments: {first}") from None
+
+
+def describe(cfg: RunConfig) -> str:
+    sat = cfg.sat
+    if sat.enabled:
+        mode = (f"SAT {sat.source}/{sat.schedule}, omission attn {sat.max_attn_rate:g} mlp {sat.max_mlp_rate:g}")
+    else:
+        mode = "dense"
+    return (f"{cfg.task} {mode}: {cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum} x {cfg.seq_len} "
+            f"tokens, model {cfg.model} -> {cfg.output_dir}")
+
+
+# -- the recipe ------------------------------------------------------------------------------------------
+def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> dict:
+    """Train as `cfg` says and write the run directory; return the summary (also in summary.json)."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer, set_seed
+
+    from ..integrations.hf_trainer import SATCallback
+    from ..modeling.patch import apply_sat, remove_sat
+
+    # setup: everything that can be wrong with the config, the model or the data fails before the run starts
+    resume_from, stale = plan_output_dir(cfg)
+    precision = _precision(cfg)
+    args = training_arguments(cfg, precision)
+    if not quiet:
+        print(f"satlm train: {describe(cfg)}" + (f" (resuming from {resume_from})" if resume_from else ""))
+    set_seed(cfg.seed)
+    model_path = resolve_model_path(cfg.model)
+    if cfg.sat.enabled:
+        check_supported(model_path)
+    tokenizer = load_tokenizer(model_path)
+    data = build_datasets(cfg, tokenizer)
+    world = max(1, args.world_size)
+    if len(data.train) < cfg.batch_size * world:
+        raise DataError(f"{data.info['train_path']}: {len(data.train)} training sequences, fewer than one batch "
+                        f"({cfg.batch_size} x {world} device(s)); add data or lower batch_size / seq_len")
+    model = load_model(model_path, torch.float32, cfg.attn_implementation)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False  # no KV cache in training
+    if cfg.sat.enabled:
+        apply_sat(model, cfg.sat.to_sat_config())
+    out = prepare_output_dir(cfg, stale)
+    (out / CONFIG_NAME).write_text(cfg.to_yaml(header="satlm train " + str(out / CONFIG_NAME)))
+
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+
+    def evaluate():
+        return evaluate_loss(model, data.eval, data.collator, eval_bs, autocast_dtype=amp)
+
+    recorder = RunRecorder(out, evaluate, cfg.eval_steps, tensorboard=cfg.tensorboard, progress=cfg.progress)
+    sat_callbacks = [SATCallback(resume_from_checkpoint=resume_from)] if cfg.sat.enabled else []
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=data.collator,
+                      processing_class=tokenizer, callbacks=[*sat_callbacks, recorder, *callbacks])
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+
+    # train
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+        state = trainer.state
+        completed = state.global_step >= state.max_steps
+        final = recorder.run_eval(state) if completed else (recorder.evals[-1] if recorder.evals else {})
+
+        # save
+        summary = {
+            "steps": state.global_step,
+            "tokens": state.num_input_tokens_seen,
+            "wall_seconds": recorder.records[-1]["elapsed_seconds"] if recorder.records else 0.0,
+            "tokens_per_second": (state.num_input_tokens_seen / recorder.records[-1]["train_seconds"]
+                                  if recorder.records and recorder.records[-1]["train_seconds"] > 0 else None),
+            "train_loss": recorder.train_loss(),
+            "eval_loss": final.get("eval_loss"),
+            "eval_perplexity": final.get("eval_perplexity"),
+            "train_seconds": recorder.records[-1]["train_seconds"] if recorder.records else 0.0,
+            "eval_tokens": final.get("eval_tokens"),
+            "completed": completed,
+            "task": cfg.task,
+            "model": model_path,
+            "sat_enabled": cfg.sat.enabled,
+            "precision": precision,
+            "data": data.info,
+        }
+        if completed:
+            model.config.use_cache = use_cache
+            trainer.save_model(str(out / FINAL_DIR))  # SAT layers save under the plain architecture's names
+        if trainer.is_world_process_zero():
+            (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+            plot_run(out)
+    finally:
+        # cleanup
+        recorder.close()
+        if cfg.sat.enabled and getattr(model, "sat_runtime", None) is not None:
+            remove_sat(model)
+        del trainer
+        gc.collect()
+    if not quiet:
+        _print_summary(summary, out)
+    return summary
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    tps = f"{s['tokens_per_second']:,.0f} tokens/s" if s["tokens_per_second"] else "n/a tokens/s"
+    ev = f", eval loss {s['eval_loss']:.4f} (ppl {s['eval_perplexity']:.2f})" if s["eval_loss"] is not None else ""
+    print(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_seconds']:.1f}s ({tps}), "
+          f"train loss {s['train_loss']:.4f}{ev} -> {out}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`satlm train CONFIG.yaml [key=value ...] [--resume]`."""
+    from ..cli import parse_run_args
+
+    cfg = parse_run_args("train", argv, config_required=True)
+    if cfg is None:
+        return {}
+    return run_train(cfg)
