@@ -1,0 +1,170 @@
+"""The `satlm` command: train, compare, eval, bench, pretrain-base.
+
+    satlm train CONFIG.yaml [key=value ...] [--resume]    train (cpt or sft), SAT on or off
+    satlm compare [CONFIG.yaml] [key=value ...]           the same run dense and with SAT; default: demo-cpt
+    satlm eval MODEL_DIR --data PATH                      dense held-out loss of a saved model
+    satlm bench [...]                                     throughput and FLOP benchmark
+    satlm pretrain-base --out DIR                         rebuild the embedded base model
+
+Configs are YAML files (or the name of a shipped one: demo-cpt, demo-sft, ...); every key can be
+overridden as key=value, dotted for sections: sat.omission_rate=0.3 data.train=corpus/.
+Errors in the input (config, data, model) print one line and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from .config import SATConfigError, closest_key
+from .errors import SATLMError
+from .modeling.adapters import UnsupportedModelError
+
+DEFAULT_COMPARE_CONFIG = "demo-cpt"  # configs/demo-cpt.yaml, shipped inside the package
+EXPECTED_ERRORS = (SATLMError, SATConfigError, UnsupportedModelError)
+
+
+def parse_run_args(command: str, argv: Sequence[str] | None, config_required: bool):
+    """CONFIG [key=value ...] [--resume] [--print-config] -> RunConfig, or None after --print-config."""
+    from .run_config import load_run_config
+
+    parser = argparse.ArgumentParser(
+        prog=f"satlm {command}",
+        description="Config keys: see `satlm keys`. Values are YAML: 0.5, true, null, [0, -1].",
+    )
+    parser.add_argument("items", nargs="*", metavar="CONFIG | key=value",
+                        help="a YAML config (path, or a shipped name such as demo-cpt) then key=value overrides"
+                        + ("" if config_required else f"; default config: {DEFAULT_COMPARE_CONFIG}"))
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (resume=true)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(list(argv or []))
+    config, overrides = None, []
+    for item in args.items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None and not overrides:
+            config = item
+        else:
+            parser.error(f"{item!r} is neither the config (which comes first) nor a key=value override")
+    if config is None:
+        if config_required:
+            parser.error("a config is required, e.g. `satlm train configs/demo-cpt.yaml` (or: demo-cpt)")
+        config = DEFAULT_COMPARE_CONFIG
+    if args.resume:
+        overrides.append("resume=true")
+    cfg = load_run_config(config, overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return None
+    return cfg
+
+
+def _quiet_transformers() -> None:
+    """The run's own progress bar and summary say what matters; keep transformers' chatter (weight-loading
+    bars, info and warnings) out unless the user asks for it with TRANSFORMERS_VERBOSITY."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def _train(argv):
+    from .recipes.train import main
+
+    _quiet_transformers()
+    main(argv)
+
+
+def _compare(argv):
+    from .recipes.compare import run_compare
+
+    cfg = parse_run_args("compare", argv, config_required=False)
+    _quiet_transformers()
+    if cfg is not None:
+        run_compare(cfg)
+
+
+def _eval(argv):
+    from .recipes.evaluate import main
+
+    _quiet_transformers()
+    main(argv)
+
+
+def _bench(argv):
+    try:
+        from .bench.cli import main
+    except ModuleNotFoundError as e:
+        if e.name in ("satlm.bench.cli", "satlm.bench"):
+            raise SATLMError("`satlm bench` is not available in this installation (satlm.bench.cli is missing)") from None
+        raise
+    return main(argv)
+
+
+def _pretrain_base(argv):
+    from .recipes.pretrain_base import main
+
+    main(argv)
+
+
+def _keys(argv):
+    from .run_config import config_keys
+
+    print("\n".join(config_keys()))
+
+
+COMMANDS: dict[str, tuple[Callable, str]] = {
+    "train": (_train, "train a model (cpt or sft), SAT on or off"),
+    "compare": (_compare, "run a config dense and with SAT and compare them (default: the embedded CPT demo)"),
+    "eval": (_eval, "dense held-out loss / perplexity of a saved model"),
+    "bench": (_bench, "throughput and FLOP benchmark of SAT against dense"),
+    "pretrain-base": (_pretrain_base, "rebuild the embedded base model reproducibly"),
+    "keys": (_keys, "list every config key"),
+}
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: satlm COMMAND [args]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`satlm COMMAND --help` describes a command's arguments."]
+    return "\n".join(lines)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"satlm {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"satlm: unknown command {name!r}{closest_key(name, COMMANDS)}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        rc = COMMANDS[name][0](argv[1:])
+    except EXPECTED_ERRORS as e:
+        print(f"satlm {name}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"satlm {name}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else 1
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
