@@ -1,0 +1,8 @@
+"""Package data: the embedded base model (`base/`), made by `python -m satlm.recipes.pretrain_base`."""
+
+from pathlib import Path
+
+
+def base_model_path() -> Path:
+    """Directory of the shipped base model and tokenizer; load it with `from_pretrained(base_model_path())`."""
+    return Path(__file__).parent / "base"
