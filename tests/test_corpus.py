@@ -156,4 +156,4 @@ def test_shipped_base_model_loads_with_plain_transformers_and_has_learned_code(m
     x = torch.tensor([tokenizer(code)["input_ids"][:256]])
     with torch.no_grad():
         loss = model(input_ids=x, labels=x).loss.item()
-    assert loss < 5.0  # untrained: ln(8192) = 9.0; the unigram baseline is ~6.5
+    assert loss < 5.5  # untrained: ln(8192) = 9.0; unigram baseline ~6.5; this file scores 4.77 (first 256 tokens)
