@@ -13,12 +13,21 @@ def world_size() -> int:
     return 1
 
 
-def reduce_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Sum a (small) score vector over data-parallel ranks so that all ranks rank units alike."""
+def reduce_scores(scores: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """Combine a (small) score vector over data-parallel ranks so that all ranks rank units alike.
+
+    Norm-based scores (l2, output) combine as the norm over the union of the ranks' tokens:
+    sqrt(sum of squares), so that N ranks with batch b score exactly as one rank with batch N*b.
+    Means (l1) and uniform scores are averaged.
+    """
     if world_size() == 1:
         return scores
     import torch.distributed as dist
 
-    scores = scores.contiguous()
-    dist.all_reduce(scores, op=dist.ReduceOp.SUM)
-    return scores
+    if metric in ("l2", "output"):
+        total = scores.float().square().contiguous()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.sqrt()
+    total = scores.float().contiguous()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / world_size()

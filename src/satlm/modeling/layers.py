@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..config import SATConfig
 from ..core.importance import group_scores, head_scores, mlp_scores
-from ..core.ops import head_columns, precomputed_linear
+from ..core.ops import cols, head_columns, precomputed_linears, rows
 from ..core.selection import select_units, uniform
 from ..distributed import reduce_scores
 from ..schedules import kept_count, scheduled_rates
@@ -66,8 +66,16 @@ def _autocast_cast(*tensors):
 
 def _rows(linear: nn.Linear, idx: torch.Tensor):
     """Weight rows and bias entries of the kept output features. (k, d), (k,)"""
-    bias = linear.bias.index_select(0, idx) if linear.bias is not None else None
-    return linear.weight.index_select(0, idx), bias
+    return rows(linear.weight, idx), (rows(linear.bias, idx) if linear.bias is not None else None)
+
+
+def _fused_linear(x: torch.Tensor, parts: list) -> list[torch.Tensor]:
+    """[F.linear(x, w, b) for w, b in parts] as one GEMM over the stacked rows (history mode)."""
+    weight = torch.cat([w for w, _ in parts])
+    bias = None
+    if any(b is not None for _, b in parts):
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+    return list(F.linear(x, weight, bias).split([w.shape[0] for w, _ in parts], dim=-1))
 
 
 def _strip_base_prefix(module, state_dict, prefix, local_metadata):
@@ -146,7 +154,7 @@ class _SATModule(nn.Module):
         cfg = self.sat_runtime.config
         if cfg.metric == "random":
             scores = uniform(self.sat_n_units, self.generator(device))
-        scores = reduce_scores(scores)
+        scores = reduce_scores(scores, cfg.metric)
         idx = select_units(scores, k, cfg.selection, self.generator(device))
         self._cache_id, self._cache = self.sat_runtime.forward_id, (k, idx)
         self.sat_last_kept, self.sat_last_scores = idx, scores.detach()
@@ -167,7 +175,7 @@ class _SATModule(nn.Module):
     def _observe(self, idx: torch.Tensor, observed: torch.Tensor) -> None:
         """history: fold this step's scores of the kept units into the running statistics (once per forward)."""
         decay = self.sat_runtime.config.history_decay
-        observed = reduce_scores(observed.detach().float())
+        observed = reduce_scores(observed.detach().float(), self.sat_runtime.config.metric)
         old = self.sat_history.index_select(0, idx)
         self.sat_history.index_copy_(0, idx, decay * old + (1.0 - decay) * observed)
         self.sat_age.add_(1.0).index_fill_(0, idx, 0.0)
@@ -197,10 +205,9 @@ class SATMLP(_SATModule):
             fresh = idx is None
             if fresh:
                 idx = self._choose(k, self._history_scores(), x.device)
-            wg, bg = _rows(gate, idx)
-            wu, bu = _rows(up, idx)
-            h = act(F.linear(x, wg, bg)) * F.linear(x, wu, bu)  # (B, T, k)
-            wd = down.weight.index_select(1, idx)  # (d, k)
+            g, u = _fused_linear(x, [_rows(gate, idx), _rows(up, idx)])  # (B, T, k) each
+            h = act(g) * u
+            wd = cols(down.weight, idx)  # (d, k)
             if fresh:
                 with torch.no_grad():
                     self._observe(idx, mlp_scores(h.detach(), mask, metric, wd))
@@ -210,15 +217,19 @@ class SATMLP(_SATModule):
             g_all, u_all = gate(x), up(x)  # (B, T, f): every channel, to score them
             idx = self._cached(k)
             if idx is None:
-                scores = mlp_scores(act(g_all) * u_all, mask, metric, down.weight) if metric != "random" else None
+                scores = None
+                if metric != "random":
+                    h_all = act(g_all)
+                    scores = mlp_scores(h_all.mul_(u_all), mask, metric, down.weight)
+                    del h_all
                 idx = self._choose(k, scores, x.device)
             g_k, u_k = g_all.index_select(-1, idx), u_all.index_select(-1, idx)  # (B, T, k)
             del g_all, u_all
         wg, bg = _rows(gate, idx)
         wu, bu = _rows(up, idx)
         xc, wg, bg, wu, bu = _autocast_cast(x, wg, bg, wu, bu)
-        h = act(precomputed_linear(xc, wg, bg, g_k)) * precomputed_linear(xc, wu, bu, u_k)
-        return F.linear(h, down.weight.index_select(1, idx), down.bias)
+        g, u = precomputed_linears(xc, [wg, wu], [bg, bu], [g_k, u_k])
+        return F.linear(act(g) * u, cols(down.weight, idx), down.bias)
 
 
 class _GroupsView:
@@ -305,9 +316,7 @@ class SATAttention(_SATModule):
                 units = self._choose(k, self._history_scores(), x.device)
             heads, groups, kv_map = self._expand(units)
             qcols, kvcols = head_columns(heads, hd), head_columns(groups, hd)
-            q = F.linear(x, *_rows(qp, qcols))
-            key = F.linear(x, *_rows(kp, kvcols))
-            val = F.linear(x, *_rows(vp, kvcols))
+            q, key, val = _fused_linear(x, [_rows(qp, qcols), _rows(kp, kvcols), _rows(vp, kvcols)])
         else:
             with torch.no_grad():
                 q_all, k_all, v_all = qp(x), kp(x), vp(x)  # (B, T, H*hd), (B, T, n_kv*hd) x2
@@ -334,9 +343,7 @@ class SATAttention(_SATModule):
             wk, bk = _rows(kp, kvcols)
             wv, bv = _rows(vp, kvcols)
             xc, wq, bq, wk, bk, wv, bv = _autocast_cast(x, wq, bq, wk, bk, wv, bv)
-            q = precomputed_linear(xc, wq, bq, q_k)
-            key = precomputed_linear(xc, wk, bk, k_k)
-            val = precomputed_linear(xc, wv, bv, v_k)
+            q, key, val = precomputed_linears(xc, [wq, wk, wv], [bq, bk, bv], [q_k, k_k, v_k])
 
         q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, h_kept, T, hd)
         key = key.view(B, T, -1, hd).transpose(1, 2)  # (B, g_kept, T, hd)
@@ -348,7 +355,7 @@ class SATAttention(_SATModule):
             key, val, groups_per_kv = key.index_select(1, kv_map), val.index_select(1, kv_map), 1
         o, _ = attend(_GroupsView(base, groups_per_kv), q, key, val, attention_mask,
                       dropout=dropout, scaling=base.scaling, **extra)  # (B, T, h_kept, hd)
-        wo = op.weight.index_select(1, qcols)  # (d, h_kept*hd)
+        wo = cols(op.weight, qcols)  # (d, h_kept*hd)
         if fresh and self._use_history():
             with torch.no_grad():
                 obs = head_scores(o.detach(), mask, metric, wo)
