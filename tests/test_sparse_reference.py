@@ -34,7 +34,7 @@ def reference_step(model, data, rate: float, unit: str):
             (h,) = args  # (B, T, f)
             score = ((h.detach().double() ** 2) * token_mask[..., None]).sum((0, 1)).sqrt()
             idx = score.topk(keep(h.shape[-1], rate)).indices
-            m = torch.zeros(h.shape[-1], dtype=h.dtype)
+            m = torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device)
             m[idx] = 1
             kept[(i, "mlp")] = sorted(idx.tolist())
             return (h * m,)
@@ -51,7 +51,7 @@ def reference_step(model, data, rate: float, unit: str):
             else:
                 heads = score.topk(keep(n_h, rate)).indices.tolist()
                 kept[(i, "attn")] = sorted(heads)
-            m = torch.zeros(n_h, 1, dtype=o.dtype)
+            m = torch.zeros(n_h, 1, dtype=o.dtype, device=o.device)
             m[heads] = 1
             return ((oh * m).reshape(o.shape),)
 
