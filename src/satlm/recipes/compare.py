@@ -31,7 +31,7 @@ def mode_config(cfg: RunConfig, mode: str) -> RunConfig:
     sub.output_dir = str(Path(cfg.output_dir) / mode)
     sub.sat.enabled = mode == "sat"
     if cfg.resume is not False:  # continue where each side stopped; a fresh start where nothing was saved
-        has_checkpoint = bool(checkpoints(Path(sub.output_dir)))
+        has_checkpoint = bool(checkpoints(Path(sub.output_dir), sat=sub.sat.enabled))
         sub.resume, sub.overwrite = (True, False) if has_checkpoint else (False, True)
     return sub
 
@@ -72,6 +72,7 @@ def run_compare(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -
         "speedup": _ratio(sat["tokens_per_second"], dense["tokens_per_second"]),
         "eval_loss_ratio": _ratio(sat["eval_loss"], dense["eval_loss"]),
         "wall_time_ratio": _ratio(sat["wall_seconds"], dense["wall_seconds"]),
+        "speedup_median": _ratio(sat.get("tokens_per_second_median"), dense.get("tokens_per_second_median")),
         "config": cfg.to_dict(),
     }
     (out / COMPARE_JSON).write_text(json.dumps(result, indent=2) + "\n")
@@ -103,5 +104,10 @@ def print_table(result: dict, out: Path | None = None) -> None:
     ratio = result["eval_loss_ratio"]
     if ratio is not None:
         console.print(f"SAT eval loss is {100 * (ratio - 1):+.2f}% relative to dense; "
-                      f"tokens/s {fmt(result['speedup'], '.2f')}x" + (f"; wrote {out / COMPARE_JSON} and "
-                                                                      f"{out / COMPARE_PNG}" if out else ""))
+                      f"tokens/s {fmt(result['speedup'], '.2f')}x")
+    mean, median = result["speedup"], result.get("speedup_median")
+    if mean and median and abs(mean / median - 1) > 0.05:
+        console.print(f"note: throughput varied within a run (another process on the machine?); the speedup "
+                      f"from median tokens/s over logged intervals is {median:.2f}x")
+    if out:
+        console.print(f"wrote {out / COMPARE_JSON} and {out / COMPARE_PNG}")

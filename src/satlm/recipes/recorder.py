@@ -166,6 +166,14 @@ class RunRecorder(TrainerCallback):
             self.writer = None
 
     # -- summary ---------------------------------------------------------------------------------------
+    def median_tokens_per_second(self) -> float | None:
+        """Median over the logged intervals: robust to a stretch slowed by another process on the machine."""
+        rates = sorted(r["tokens_per_second"] for r in self.records if r.get("tokens_per_second"))
+        if not rates:
+            return None
+        mid = len(rates) // 2
+        return rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+
     def train_loss(self) -> float | None:
         """Mean logged training loss over the last 10% of the logged steps (a less noisy "final" loss)."""
         losses = [r["loss"] for r in self.records if r.get("loss") is not None and math.isfinite(r["loss"])]

@@ -39,13 +39,17 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 # -- output directory ------------------------------------------------------------------------------------
-def checkpoints(out_dir: Path) -> list[Path]:
-    """checkpoint-N folders that the Trainer finished writing (trainer_state.json is written last), oldest first."""
+def checkpoints(out_dir: Path, sat: bool = False) -> list[Path]:
+    """checkpoint-N folders written whole, oldest first: the Trainer writes trainer_state.json last, and
+    SATCallback writes sat_state.pt after it (required when `sat`)."""
+    from ..integrations.hf_trainer import SAT_STATE_NAME
+
     found = []
     if out_dir.is_dir():
         for p in out_dir.iterdir():
             m = _CHECKPOINT.match(p.name)
-            if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            if m and p.is_dir() and (p / "trainer_state.json").is_file() and (
+                    not sat or (p / SAT_STATE_NAME).is_file()):
                 found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -58,7 +62,7 @@ def plan_output_dir(cfg: RunConfig) -> tuple[str | None, list[Path]]:
             if not (Path(cfg.resume) / "trainer_state.json").is_file():
                 raise RunConfigError(f"resume={cfg.resume!r} is not a checkpoint folder (no trainer_state.json)")
             return cfg.resume, []
-        found = checkpoints(out)
+        found = checkpoints(out, sat=cfg.sat.enabled)
         if not found:
             raise RunConfigError(f"resume=true, but {out} holds no checkpoint-N/ to resume from")
         return str(found[-1]), []
@@ -219,6 +223,7 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
             "wall_seconds": recorder.records[-1]["elapsed_seconds"] if recorder.records else 0.0,
             "tokens_per_second": (state.num_input_tokens_seen / recorder.records[-1]["train_seconds"]
                                   if recorder.records and recorder.records[-1]["train_seconds"] > 0 else None),
+            "tokens_per_second_median": recorder.median_tokens_per_second(),
             "train_loss": recorder.train_loss(),
             "eval_loss": final.get("eval_loss"),
             "eval_perplexity": final.get("eval_perplexity"),
