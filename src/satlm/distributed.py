@@ -1,16 +1,87 @@
-"""Data-parallel helpers: every rank must keep the same units. They do nothing in a single process."""
+"""Data-parallel helpers: every rank must keep the same units. They do nothing in a single process.
+
+The process group is the launcher's (torchrun, accelerate launch; the transformers Trainer initializes it
+when its TrainingArguments are built): satlm never creates one. Before that, and in a single process,
+every helper here acts as if this process were the only one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Callable, Iterator, TypeVar
+
 import torch
+
+T = TypeVar("T")
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def world_size() -> int:
-    import torch.distributed as dist
+    dist = _dist()
+    return dist.get_world_size() if dist is not None else 1
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+
+def rank() -> int:
+    """This process's global rank (0 in a single process)."""
+    dist = _dist()
+    return dist.get_rank() if dist is not None else 0
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 and in a single process: the process that writes run files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """`obj` as rank `src` holds it, on every rank (any picklable object; returned as is in one process)."""
+    dist = _dist()
+    if dist is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def on_main_process(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run `fn` on rank 0 only (file-system work: plan, clean and create the run directory) and return its
+    result on every rank; if it raises, every rank raises the same exception, so no rank is left waiting
+    at the next collective. The other ranks wait until rank 0 is done."""
+    if _dist() is None:
+        return fn(*args, **kwargs)
+    outcome: tuple[bool, Any] = (True, None)
+    if is_main_process():
+        try:
+            outcome = (True, fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - handed to every rank, re-raised below
+            outcome = (False, e)
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value
+    return value
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. to fill a cache), then the other ranks run it."""
+    if not is_main_process():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main_process():
+            barrier()
 
 
 def reduce_scores(scores: torch.Tensor, metric: str = "l2") -> torch.Tensor:
@@ -18,16 +89,20 @@ def reduce_scores(scores: torch.Tensor, metric: str = "l2") -> torch.Tensor:
 
     Norm-based scores (l2, output) combine as the norm over the union of the ranks' tokens:
     sqrt(sum of squares), so that N ranks with batch b score exactly as one rank with batch N*b.
-    Means (l1) and uniform scores are averaged.
+    Means (l1) and uniform scores are averaged (for l1 that is the mean over the union only when the
+    ranks hold equally many tokens).
     """
-    if world_size() == 1:
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
         return scores
-    import torch.distributed as dist
-
     if metric in ("l2", "output"):
         total = scores.float().square().contiguous()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total.sqrt()
     total = scores.float().contiguous()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total / world_size()
+    return total / dist.get_world_size()
+
+
+__all__ = ["barrier", "broadcast_object", "is_main_process", "main_process_first", "on_main_process", "rank",
+           "reduce_scores", "world_size"]
