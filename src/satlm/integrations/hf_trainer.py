@@ -78,7 +78,9 @@ class SATCallback(TrainerCallback):
             state.log_history[-1].update(rates)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
+        # The SAT state is the same on every rank; write it where the Trainer writes the checkpoint (rank 0,
+        # or each node's first process with save_on_each_node=True, for nodes that share no file system).
+        if not args.should_save:
             return
         folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
         if os.path.isdir(folder):

@@ -111,6 +111,14 @@ class _SATModule(nn.Module):
         self.register_state_dict_post_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """State-dict names of the base layer's members skip `base_layer.`: torch.distributed.checkpoint
+        (FSDP2 state dicts, as accelerate saves them) maps such names back to modules through this hook."""
+        base = self.base_layer
+        names = [n for n, _ in base.named_children()] + [n for n, _ in base.named_parameters(recurse=False)]
+        names += [n for n, _ in base.named_buffers(recurse=False)]
+        return {name: "base_layer" for name in names}
+
     # -- shared machinery -------------------------------------------------------------------------------
     def base_layer_device(self) -> torch.device:
         return next(self.base_layer.parameters()).device

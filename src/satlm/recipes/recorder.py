@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,10 @@ def read_jsonl_records(path: Path) -> list[dict]:
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Whole or not at all: under torchrun the other ranks read this file while rank 0 rewrites it.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
 
 
 class RunRecorder(TrainerCallback):

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from ..distributed import is_main_process, on_main_process
 from ..errors import DataError, RunConfigError
 from ..run_config import RunConfig
 from .data import build_datasets
@@ -173,10 +174,12 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
     from ..modeling.patch import apply_sat, remove_sat
 
     # setup: everything that can be wrong with the config, the model or the data fails before the run starts
-    resume_from, stale = plan_output_dir(cfg)
     precision = _precision(cfg)
-    args = training_arguments(cfg, precision)
-    if not quiet:
+    args = training_arguments(cfg, precision)  # under torchrun / accelerate this joins the process group
+    # Rank 0 alone reads and changes the output dir; every rank gets its answer (or its error), so a rank
+    # that starts late never sees rank 0's new files as "a previous run", nor deletes them twice.
+    resume_from, stale = on_main_process(plan_output_dir, cfg)
+    if not quiet and is_main_process():
         print(f"satlm train: {describe(cfg)}" + (f" (resuming from {resume_from})" if resume_from else ""))
     set_seed(cfg.seed)
     model_path = resolve_model_path(cfg.model)
@@ -193,8 +196,9 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
     model.config.use_cache = False  # no KV cache in training
     if cfg.sat.enabled:
         apply_sat(model, cfg.sat.to_sat_config())
-    out = prepare_output_dir(cfg, stale)
-    (out / CONFIG_NAME).write_text(cfg.to_yaml(header="satlm train " + str(out / CONFIG_NAME)))
+    out = on_main_process(prepare_output_dir, cfg, stale)
+    if is_main_process():
+        (out / CONFIG_NAME).write_text(cfg.to_yaml(header="satlm train " + str(out / CONFIG_NAME)))
 
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
@@ -249,7 +253,7 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
             remove_sat(model)
         del trainer
         gc.collect()
-    if not quiet:
+    if not quiet and is_main_process():
         _print_summary(summary, out)
     return summary
 
