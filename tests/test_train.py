@@ -77,15 +77,16 @@ def test_cpt_sat_run_writes_the_run_directory(tmp_path, tiny_model_dir, tiny_dat
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("source", ["current", "history"])
-def test_resume_is_exact(tmp_path, tiny_model_dir, tiny_data, source):
+@pytest.mark.parametrize("task, source", [("cpt", "current"), ("cpt", "history"), ("sft", "current")])
+def test_resume_is_exact(tmp_path, tiny_model_dir, tiny_data, task, source):
     extra = {"max_steps": 8, "save_steps": 4, "grad_accum": 2, "sat.schedule": "ladder", "sat.rungs": 2,
-             "sat.source": source}
-    straight = run_train(_config(tiny_model_dir, tiny_data, tmp_path / "a", **extra), quiet=True)
-    stopped = run_train(_config(tiny_model_dir, tiny_data, tmp_path / "b", **extra), callbacks=[StopAt(4)],
+             "sat.source": source, "seq_len": 32 if task == "cpt" else 128}
+    straight = run_train(_config(tiny_model_dir, tiny_data, tmp_path / "a", task, **extra), quiet=True)
+    stopped = run_train(_config(tiny_model_dir, tiny_data, tmp_path / "b", task, **extra), callbacks=[StopAt(4)],
                         quiet=True)
     assert stopped["steps"] == 4 and not stopped["completed"] and not (tmp_path / "b" / "final").exists()
-    resumed = run_train(_config(tiny_model_dir, tiny_data, tmp_path / "b", resume=True, **extra), quiet=True)
+    resumed = run_train(_config(tiny_model_dir, tiny_data, tmp_path / "b", task, resume=True, **extra),
+                        quiet=True)
 
     a, b = _records(tmp_path / "a" / "metrics.jsonl"), _records(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 9))
@@ -162,3 +163,16 @@ def test_sat_callback_in_a_plain_trainer(tmp_path, tiny_model_dir, tiny_data):
         assert [h["mlp_omission_rate"] for h in logged] == [0.5, 0.5, 0.25, 0.0]
         assert satlm.sat_state(model)["step"] == 3
         assert (tmp_path / f"user{applied}" / "checkpoint-4" / "sat_state.pt").is_file()
+
+
+def test_training_arguments_follow_the_config(tiny_model_dir, tiny_data, tmp_path):
+    from satlm.recipes.train import training_arguments
+
+    args = training_arguments(_config(tiny_model_dir, tiny_data, tmp_path, task="sft", warmup=0.25, grad_accum=2),
+                              "fp32")
+    assert args.train_sampling_strategy == "group_by_length"  # sft: less padding
+    assert (args.warmup_steps, args.gradient_accumulation_steps, args.optim) == (2, 2, "adamw_torch_fused")
+    args = training_arguments(_config(tiny_model_dir, tiny_data, tmp_path, **{"data.group_by_length": False}), "fp32")
+    assert args.train_sampling_strategy == "random" and args.dataloader_drop_last and args.report_to in ([], "none")
+    with pytest.raises(RunConfigError, match="trainer_args.fsdpp is not a transformers.TrainingArguments field"):
+        training_arguments(_config(tiny_model_dir, tiny_data, tmp_path, **{"trainer_args.fsdpp": "x"}), "fp32")

@@ -46,6 +46,9 @@ class DataConfig:
     template: str = "auto"
     """sft prompt format: auto (the tokenizer's chat template when it has one, else builtin), builtin
     (### Instruction / ### Response), chat (the tokenizer's chat template, an error if it has none)."""
+    group_by_length: bool = True
+    """sft: batch examples of similar length together (less padding, same examples per epoch); cpt blocks
+    all have one length."""
     cache_dir: str | None = None
     """Where the embedded demo data is written once; null: $SATLM_CACHE or ~/.cache/satlm."""
 

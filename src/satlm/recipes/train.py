@@ -144,6 +144,11 @@ def training_arguments(cfg: RunConfig, precision: str):
         report_to="none",  # the RunRecorder writes TensorBoard itself, with the SAT rates
         disable_tqdm=False,
     )
+    if cfg.task == "sft" and cfg.data.group_by_length:
+        if "train_sampling_strategy" in names:
+            kwargs["train_sampling_strategy"] = "group_by_length"
+        else:  # transformers < 5
+            kwargs["group_by_length"] = True
     ckpt_key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     kwargs[ckpt_key] = cfg.gradient_checkpointing
     check_trainer_args(cfg)
