@@ -21,3 +21,9 @@ python -m satlm.bench.cli --preset tinyllama-1.1b --layers 8 --dtype bfloat16 --
 python -m satlm.bench.cli --preset llama2-7b --per-layer --dtype bfloat16 --device cuda \
     --batch-size 4 --seq-len 2048 --warmup 3 --repeats 10 \
     --json "$out/llama2-7b-layer.json" | tee "$out/llama2-7b-layer.txt"
+# FSDP2 through the Trainer (cannot run on CPU): train, checkpoint, resume; then compare with plain DDP.
+fsdp='trainer_args={fsdp: true, fsdp_config: {version: 2, transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}}'
+torchrun --nproc_per_node 1 -m satlm.cli train demo-cpt output_dir="$out/fsdp2" overwrite=true max_steps=20 \
+    save_steps=10 eval_steps=0 precision=bf16 progress=false "$fsdp" 2>&1 | tail -3 | tee "$out/fsdp2.txt"
+torchrun --nproc_per_node 1 -m satlm.cli train demo-cpt output_dir="$out/fsdp2" max_steps=30 save_steps=10 \
+    eval_steps=0 precision=bf16 progress=false "$fsdp" --resume 2>&1 | tail -3 | tee -a "$out/fsdp2.txt"
