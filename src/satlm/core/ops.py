@@ -1,83 +1,104 @@
-"""Autograd pieces that let the backward run over kept units only.
+"""Autograd functions whose backward runs over kept units only and keeps no copy of sliced weights.
 
-`current` (paper) mode computes the projections of every unit once, without autograd, to score them.
-The kept slices of those outputs are then re-attached to the graph with `precomputed_linear`, whose
-backward is exactly that of `F.linear(x, weight, bias)` on the kept rows: no forward is repeated and
-no gradient work is done for omitted units. Weights are sliced with `rows` / `cols`, whose backward
-writes the kept slices' gradients into a zero gradient of the full parameter with `index_copy_`
-(cheaper than the scatter-add of `index_select`'s own backward).
+`row_linears` computes (or, in paper mode, receives already computed) F.linear(x, W[idx], b[idx]) for one
+or more projections that share their input x: q/k/v, or gate/up. `col_linear` is F.linear(h, W[:, idx], b)
+for the down and output projections. Both save only their input, the parameters themselves and the index
+vectors: the weight slices are taken again in the backward, and the gradients of the kept rows or columns
+are written into a zero gradient of the full parameter with `index_copy_`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
-class _Rows(torch.autograd.Function):
+def _kept_rows(weights, idxs, dtype):
+    return torch.cat([w.index_select(0, i).to(dtype) for w, i in zip(weights, idxs)])
+
+
+class _RowLinears(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, idx, dim):
-        ctx.save_for_backward(idx)
-        ctx.shape, ctx.dim = weight.shape, dim
-        return weight.index_select(dim, idx)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        full = grad.new_zeros(ctx.shape)
-        full.index_copy_(ctx.dim, idx, grad)
-        return full, None, None
-
-
-def rows(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """weight[idx] along dim 0 (kept output features): (out, in) -> (k, in); also for biases (out,) -> (k,)."""
-    return _Rows.apply(weight, idx, 0)
-
-
-def cols(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """weight[:, idx] (kept input features of a down or output projection): (out, in) -> (out, k)."""
-    return _Rows.apply(weight, idx, 1)
-
-
-class _PrecomputedLinears(torch.autograd.Function):
-    """outs[i] == F.linear(x, weights[i], biases[i]), computed earlier without autograd; attaches their
-    backward, with one fused GEMM for the input gradient and one for the weight gradients."""
-
-    @staticmethod
-    def forward(ctx, x, n, *tensors):
-        weights, biases, outs = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
-        ctx.save_for_backward(x, *weights)
+    def forward(ctx, x, n, compute, *tensors):
+        weights, idxs, biases, outs = (tensors[i * n:(i + 1) * n] for i in range(4))
+        ctx.save_for_backward(x, *weights, *idxs)
         ctx.n = n
-        ctx.has_bias = [b is not None for b in biases]
-        ctx.bias_dtypes = [b.dtype if b is not None else None for b in biases]
-        return tuple(o.detach() for o in outs)
+        ctx.biases = [(b.shape, b.dtype) if b is not None else None for b in biases]
+        if compute:  # history mode: one GEMM over the stacked kept rows (autocast applies here as usual)
+            w = torch.cat([wt.index_select(0, i) for wt, i in zip(weights, idxs)])
+            b = None
+            if any(bi is not None for bi in biases):
+                b = torch.cat([bi.index_select(0, i) if bi is not None else w.new_zeros(i.shape[0])
+                               for bi, i in zip(biases, idxs)])
+            return tuple(F.linear(x, w, b).split([i.shape[0] for i in idxs], dim=-1))
+        return tuple(o.detach() for o in outs)  # paper mode: computed earlier without autograd
 
     @staticmethod
     def backward(ctx, *grads):
-        x, *weights = ctx.saved_tensors
+        x, *rest = ctx.saved_tensors
         n = ctx.n
+        weights, idxs = rest[:n], rest[n:]
         dtype = grads[0].dtype
-        widths = [w.shape[0] for w in weights]
+        widths = [i.shape[0] for i in idxs]
         # (N, sum k_i): the output gradients side by side, so that one GEMM serves every projection.
-        g = torch.cat([gr.reshape(-1, w) for gr, w in zip(grads, widths)], dim=1)
-        grad_x = grad_w = None
+        g = torch.cat([gr.reshape(-1, k) for gr, k in zip(grads, widths)], dim=1)
+        grad_x = None
         if ctx.needs_input_grad[0]:
-            w_all = torch.cat([w.to(dtype) for w in weights], dim=0)  # (sum k_i, d)
-            grad_x = (g @ w_all).reshape(x.shape).to(x.dtype)  # 2N d sum(k_i) FLOPs
+            grad_x = (g @ _kept_rows(weights, idxs, dtype)).reshape(x.shape).to(x.dtype)  # 2N d sum(k)
         grad_ws: list = [None] * n
-        if any(ctx.needs_input_grad[2:2 + n]):
-            gw = g.t() @ x.reshape(-1, x.shape[-1]).to(dtype)  # (sum k_i, d): 2N d sum(k_i) FLOPs
-            grad_ws = [p.to(w.dtype) for p, w in zip(gw.split(widths, dim=0), weights)]
-        grad_bs = [g_i.sum(0).to(dt) if has else None
-                   for g_i, has, dt in zip(g.split(widths, dim=1), ctx.has_bias, ctx.bias_dtypes)]
-        return (grad_x, None, *grad_ws, *grad_bs, *([None] * n))
+        if any(ctx.needs_input_grad[3:3 + n]):
+            gw = g.t() @ x.reshape(-1, x.shape[-1]).to(dtype)  # (sum k, d): 2N d sum(k) FLOPs
+            grad_ws = []
+            for part, w, i in zip(gw.split(widths, dim=0), weights, idxs):
+                full = torch.zeros_like(w)
+                grad_ws.append(full.index_copy_(0, i, part.to(w.dtype)))
+        grad_bs = []
+        for g_i, i, b in zip(g.split(widths, dim=1), idxs, ctx.biases):
+            if b is None:
+                grad_bs.append(None)
+                continue
+            full = g_i.new_zeros(b[0], dtype=b[1])
+            grad_bs.append(full.index_copy_(0, i, g_i.sum(0).to(b[1])))
+        return (grad_x, None, None, *grad_ws, *([None] * n), *grad_bs, *([None] * n))
 
 
-def precomputed_linears(x: torch.Tensor, weights, biases, outs) -> tuple[torch.Tensor, ...]:
-    """Return `outs` (outs[i] == F.linear(x, weights[i], biases[i]), already computed) with the backward of
-    those linears attached. x: (..., d); weights[i]: (k_i, d) kept rows; biases[i]: (k_i,) or None;
-    outs[i]: (..., k_i)."""
+def row_linears(x, weights, idxs, biases, outs=None) -> tuple[torch.Tensor, ...]:
+    """F.linear(x, weights[j][idxs[j]], biases[j][idxs[j]]) for each j, with a kept-rows-only backward.
+
+    x: (..., d); weights[j]: (out_j, d) full parameters; idxs[j]: (k_j,) kept output features; biases[j]:
+    (out_j,) or None. outs: the same results already computed (paper mode), or None to compute them.
+    """
     n = len(weights)
-    return _PrecomputedLinears.apply(x, n, *weights, *biases, *outs)
+    outs = list(outs) if outs is not None else [None] * n
+    return _RowLinears.apply(x, n, outs[0] is None, *weights, *idxs, *biases, *outs)
+
+
+class _ColLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, idx, bias):
+        ctx.save_for_backward(h, weight, idx)
+        ctx.bias = (bias.shape, bias.dtype) if bias is not None else None
+        return F.linear(h, weight.index_select(1, idx), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, idx = ctx.saved_tensors
+        dtype = grad.dtype
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (grad @ weight.index_select(1, idx).to(dtype)).to(h.dtype)  # 2N d k FLOPs
+        g2 = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            part = g2.t() @ h.reshape(-1, h.shape[-1]).to(dtype)  # (d, k): 2N d k FLOPs
+            grad_w = torch.zeros_like(weight).index_copy_(1, idx, part.to(weight.dtype))
+        if ctx.bias is not None and ctx.needs_input_grad[3]:
+            grad_b = g2.sum(0).to(ctx.bias[1])
+        return grad_h, grad_w, None, grad_b
+
+
+def col_linear(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None):
+    """F.linear(h, weight[:, idx], bias) with a kept-columns-only backward. h: (..., k); weight: (out, in)."""
+    return _ColLinear.apply(h, weight, idx, bias)
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

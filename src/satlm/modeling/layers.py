@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import SATConfig
 from ..core.importance import group_scores, head_scores, mlp_scores
-from ..core.ops import cols, head_columns, precomputed_linears, rows
+from ..core.ops import col_linear, head_columns, row_linears
 from ..core.selection import select_units, uniform
 from ..distributed import reduce_scores
 from ..schedules import kept_count, scheduled_rates
@@ -54,28 +53,14 @@ class SATRuntime:
         return m
 
 
-def _autocast_cast(*tensors):
-    """Cast to the autocast dtype, as F.linear would under autocast (so precomputed_linear matches it)."""
-    t0 = tensors[0]
-    dev = t0.device.type
-    if not torch.is_autocast_enabled(dev):
-        return tensors
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
+def _kept_linears(x: torch.Tensor, linears: list[nn.Linear], idxs: list[torch.Tensor], outs=None):
+    """Projections `linears` of x restricted to the kept output features idxs (outs: already computed)."""
+    return row_linears(x, [m.weight for m in linears], idxs, [m.bias for m in linears], outs)
 
 
-def _rows(linear: nn.Linear, idx: torch.Tensor):
-    """Weight rows and bias entries of the kept output features. (k, d), (k,)"""
-    return rows(linear.weight, idx), (rows(linear.bias, idx) if linear.bias is not None else None)
-
-
-def _fused_linear(x: torch.Tensor, parts: list) -> list[torch.Tensor]:
-    """[F.linear(x, w, b) for w, b in parts] as one GEMM over the stacked rows (history mode)."""
-    weight = torch.cat([w for w, _ in parts])
-    bias = None
-    if any(b is not None for _, b in parts):
-        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
-    return list(F.linear(x, weight, bias).split([w.shape[0] for w, _ in parts], dim=-1))
+def _kept_cols(linear: nn.Linear, idx: torch.Tensor, metric: str):
+    """The kept input columns of a down/output projection, for the `output` metric only (no autograd)."""
+    return linear.weight.detach().index_select(1, idx) if metric == "output" else None
 
 
 def _strip_base_prefix(module, state_dict, prefix, local_metadata):
@@ -213,13 +198,12 @@ class SATMLP(_SATModule):
             fresh = idx is None
             if fresh:
                 idx = self._choose(k, self._history_scores(), x.device)
-            g, u = _fused_linear(x, [_rows(gate, idx), _rows(up, idx)])  # (B, T, k) each
+            g, u = _kept_linears(x, [gate, up], [idx, idx])  # (B, T, k) each
             h = act(g) * u
-            wd = cols(down.weight, idx)  # (d, k)
             if fresh:
                 with torch.no_grad():
-                    self._observe(idx, mlp_scores(h.detach(), mask, metric, wd))
-            return F.linear(h, wd, down.bias)
+                    self._observe(idx, mlp_scores(h.detach(), mask, metric, _kept_cols(down, idx, metric)))
+            return col_linear(h, down.weight, idx, down.bias)
 
         with torch.no_grad():
             g_all, u_all = gate(x), up(x)  # (B, T, f): every channel, to score them
@@ -233,11 +217,8 @@ class SATMLP(_SATModule):
                 idx = self._choose(k, scores, x.device)
             g_k, u_k = g_all.index_select(-1, idx), u_all.index_select(-1, idx)  # (B, T, k)
             del g_all, u_all
-        wg, bg = _rows(gate, idx)
-        wu, bu = _rows(up, idx)
-        xc, wg, bg, wu, bu = _autocast_cast(x, wg, bg, wu, bu)
-        g, u = precomputed_linears(xc, [wg, wu], [bg, bu], [g_k, u_k])
-        return F.linear(act(g) * u, cols(down.weight, idx), down.bias)
+        g, u = _kept_linears(x, [gate, up], [idx, idx], [g_k, u_k])
+        return col_linear(act(g) * u, down.weight, idx, down.bias)
 
 
 class _GroupsView:
@@ -324,7 +305,7 @@ class SATAttention(_SATModule):
                 units = self._choose(k, self._history_scores(), x.device)
             heads, groups, kv_map = self._expand(units)
             qcols, kvcols = head_columns(heads, hd), head_columns(groups, hd)
-            q, key, val = _fused_linear(x, [_rows(qp, qcols), _rows(kp, kvcols), _rows(vp, kvcols)])
+            q, key, val = _kept_linears(x, [qp, kp, vp], [qcols, kvcols, kvcols])
         else:
             with torch.no_grad():
                 q_all, k_all, v_all = qp(x), kp(x), vp(x)  # (B, T, H*hd), (B, T, n_kv*hd) x2
@@ -347,11 +328,7 @@ class SATAttention(_SATModule):
                 q_k = q_all.index_select(-1, qcols)
                 k_k, v_k = k_all.index_select(-1, kvcols), v_all.index_select(-1, kvcols)
                 del q_all, k_all, v_all
-            wq, bq = _rows(qp, qcols)
-            wk, bk = _rows(kp, kvcols)
-            wv, bv = _rows(vp, kvcols)
-            xc, wq, bq, wk, bk, wv, bv = _autocast_cast(x, wq, bq, wk, bk, wv, bv)
-            q, key, val = precomputed_linears(xc, [wq, wk, wv], [bq, bk, bv], [q_k, k_k, v_k])
+            q, key, val = _kept_linears(x, [qp, kp, vp], [qcols, kvcols, kvcols], [q_k, k_k, v_k])
 
         q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, h_kept, T, hd)
         key = key.view(B, T, -1, hd).transpose(1, 2)  # (B, g_kept, T, hd)
@@ -363,11 +340,10 @@ class SATAttention(_SATModule):
             key, val, groups_per_kv = key.index_select(1, kv_map), val.index_select(1, kv_map), 1
         o, _ = attend(_GroupsView(base, groups_per_kv), q, key, val, attention_mask,
                       dropout=dropout, scaling=base.scaling, **extra)  # (B, T, h_kept, hd)
-        wo = cols(op.weight, qcols)  # (d, h_kept*hd)
         if fresh and self._use_history():
             with torch.no_grad():
-                obs = head_scores(o.detach(), mask, metric, wo)
+                obs = head_scores(o.detach(), mask, metric, _kept_cols(op, qcols, metric))
                 if rt.config.attn_unit == "kv_group":
                     obs = group_scores(obs, obs.shape[0] // self.rep)
                 self._observe(units, obs)
-        return F.linear(o.reshape(B, T, -1), wo, op.bias), None
+        return col_linear(o.reshape(B, T, -1), op.weight, qcols, op.bias), None  # (B, T, d)
