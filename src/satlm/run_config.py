@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -22,6 +24,7 @@ from .errors import RunConfigError
 TASKS = ("cpt", "sft")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEMPLATES = ("auto", "builtin", "chat")
+TRUNCATIONS = ("truncate", "error")
 EMBEDDED = "embedded"  # sentinel for `model:` and `data.*`: the demo assets that ship with satlm
 SHIPPED_CONFIGS = "configs"  # package-data folder (src/satlm/configs); top-level configs/ links to it
 
@@ -46,6 +49,10 @@ class DataConfig:
     template: str = "auto"
     """sft prompt format: auto (the tokenizer's chat template when it has one, else builtin), builtin
     (### Instruction / ### Response), chat (the tokenizer's chat template, an error if it has none)."""
+    truncation: str = "truncate"
+    """sft examples longer than seq_len: truncate (cut at seq_len, with one warning that counts them; an
+    example left with no response token is dropped) or error (a DataError naming the first one's file:line).
+    cpt documents are never cut: they are packed across blocks."""
     group_by_length: bool = True
     """sft: batch examples of similar length together (less padding, same examples per epoch); cpt blocks
     all have one length."""
@@ -139,6 +146,7 @@ class RunConfig:
         _one_of("task", self.task, TASKS)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("data.template", self.data.template, TEMPLATES)
+        _one_of("data.truncation", self.data.truncation, TRUNCATIONS)
         for key in ("max_steps", "batch_size", "grad_accum", "logging_steps"):
             _at_least(key, getattr(self, key), 1)
         _at_least("seq_len", self.seq_len, 2)
@@ -152,13 +160,17 @@ class RunConfig:
             _at_least("data.max_eval_samples", self.data.max_eval_samples, 1)
         if not self.lr > 0:
             raise RunConfigError(f"config key 'lr' must be > 0, got {self.lr!r}")
+        if not math.isfinite(self.lr):
+            raise RunConfigError(f"config key 'lr' must be a finite number > 0, got {self.lr!r}")
         for key in ("warmup", "weight_decay", "max_grad_norm"):
-            if getattr(self, key) < 0:
-                raise RunConfigError(f"config key {key!r} must be >= 0, got {getattr(self, key)!r}")
+            if not getattr(self, key) >= 0 or not math.isfinite(getattr(self, key)):
+                raise RunConfigError(f"config key {key!r} must be a finite number >= 0, got {getattr(self, key)!r}")
         if not 0 < self.data.eval_fraction < 1:
             raise RunConfigError(f"config key 'data.eval_fraction' must be in (0, 1), got {self.data.eval_fraction!r}")
         if isinstance(self.resume, str) and not self.resume:
             raise RunConfigError("config key 'resume' must be true, false or a checkpoint path, got ''")
+        if self.sat.enabled:
+            _warn_unreached_stairs(self.sat, self.max_steps)
         return self
 
     # -- conversion ------------------------------------------------------------------------------------
@@ -319,6 +331,24 @@ def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
 def _at_least(key: str, value: int, low: int) -> None:
     if value < low:
         raise RunConfigError(f"config key {key!r} must be >= {low}, got {value!r}")
+
+
+def _warn_unreached_stairs(sat: SATConfig, max_steps: int) -> None:
+    """A ladder with more rungs than sparse steps (or a `steps` stair narrower than one step) still trains: the
+    schedule jumps over the stairs that get no step. Said once, as a warning, so a short smoke run of a
+    long config works."""
+    from .schedules import unreached_stairs
+
+    missed = unreached_stairs(sat, max_steps)
+    if not missed:
+        return
+    if sat.schedule == "ladder":
+        what, n, fix = f"sat.rungs={sat.rungs}", sat.rungs, "lower sat.rungs or raise max_steps"
+    else:
+        what, n, fix = "sat.steps", len(sat.steps), "widen those stairs or raise max_steps"
+    stairs = ", ".join(str(i + 1) for i in missed)
+    warnings.warn(f"{what} with max_steps={max_steps}: stair(s) {stairs} of {n} get no step and are skipped; {fix}",
+                  UserWarning, stacklevel=3)
 
 
 # -- files and overrides ---------------------------------------------------------------------------------

@@ -37,6 +37,32 @@ def schedule_fraction(config: SATConfig, step: int, total_steps: int | None) -> 
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
 
+def stair_index(config: SATConfig, step: int, total_steps: int) -> int | None:
+    """Which ladder rung or `steps` stair is in force at `step` (0 = the first); None in a dense stretch
+    (the ladder's tail, after the last stair) or for schedules without stairs (constant, linear)."""
+    progress = min(max(step, 0) / total_steps, 1.0)
+    if config.schedule == "ladder":
+        sparse_part = 1.0 - config.dense_tail
+        return None if progress >= sparse_part else min(int(progress / sparse_part * config.rungs), config.rungs - 1)
+    if config.schedule == "steps":
+        return next((i for i, (until, _) in enumerate(config.steps) if progress < until), None)
+    return None
+
+
+def unreached_stairs(config: SATConfig, total_steps: int) -> list[int]:
+    """Ladder rungs or `steps` stairs (0-based) that no step of 0..total_steps-1 runs: stairs shorter than one
+    step. Empty for constant and linear schedules."""
+    if config.schedule not in ("ladder", "steps") or total_steps <= 0:
+        return []
+    n_stairs = config.rungs if config.schedule == "ladder" else len(config.steps)
+    if config.schedule == "ladder" and total_steps * (1.0 - config.dense_tail) >= 2 * n_stairs:
+        return []  # consecutive steps advance at most half a rung: every rung is reached
+    if total_steps > 100_000:  # stairs narrower than 1e-5 of training; not worth the loop
+        return []
+    reached = {stair_index(config, t, total_steps) for t in range(total_steps)}
+    return [i for i in range(n_stairs) if i not in reached]
+
+
 def scheduled_rates(config: SATConfig, step: int, total_steps: int | None) -> tuple[float, float]:
     """(attention omission rate, MLP omission rate) at this step."""
     f = schedule_fraction(config, step, total_steps)
