@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
+
+from .errors import SATLMError
 
 METRICS = ("l2", "l1", "output", "random")
 SELECTIONS = ("sample", "topk", "random")
@@ -14,7 +18,7 @@ SCHEDULES = ("ladder", "constant", "linear", "steps")
 ATTN_UNITS = ("head", "kv_group")
 
 
-class SATConfigError(ValueError):
+class SATConfigError(SATLMError, ValueError):
     """A bad SATConfig value; the message names the field and what is allowed."""
 
 
@@ -23,8 +27,13 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise SATConfigError(f"SATConfig.{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
 
 
+def _is_number(value: Any) -> bool:
+    """A real number, finite (numpy scalars count; bools and strings do not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _rate(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < 1.0):
+    if not _is_number(value) or not (0.0 <= float(value) < 1.0):
         raise SATConfigError(f"SATConfig.{name}={value!r} must be a number in [0, 1)")
 
 
@@ -89,23 +98,31 @@ class SATConfig:
         _choice("attn_unit", self.attn_unit, ATTN_UNITS)
         if isinstance(self.rungs, bool) or not isinstance(self.rungs, int) or self.rungs < 1:
             raise SATConfigError(f"SATConfig.rungs={self.rungs!r} must be an integer >= 1")
-        if not isinstance(self.dense_tail, (int, float)) or not (0.0 <= self.dense_tail < 1.0):
-            raise SATConfigError(f"SATConfig.dense_tail={self.dense_tail!r} must be a number in [0, 1)")
+        _rate("dense_tail", self.dense_tail)
         if self.schedule == "steps":
             self._validate_steps()
         if self.layers is not None:
-            if not isinstance(self.layers, (list, tuple)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in self.layers
-            ):
-                raise SATConfigError(f"SATConfig.layers={self.layers!r} must be a list of layer indices or null")
-            self.layers = list(self.layers)
+            self._validate_layers()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise SATConfigError(f"SATConfig.seed={self.seed!r} must be an integer")
-        if not (0.0 <= self.history_decay < 1.0):
-            raise SATConfigError(f"SATConfig.history_decay={self.history_decay!r} must be in [0, 1)")
-        if self.history_exploration < 0:
-            raise SATConfigError(f"SATConfig.history_exploration={self.history_exploration!r} must be >= 0")
+        _rate("history_decay", self.history_decay)
+        if not _is_number(self.history_exploration) or self.history_exploration < 0:
+            raise SATConfigError(f"SATConfig.history_exploration={self.history_exploration!r} must be a number >= 0")
         return self
+
+    def _validate_layers(self) -> None:
+        """Types, emptiness and repeats here; whether each index exists is checked against the model in apply_sat."""
+        layers = self.layers
+        if not isinstance(layers, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layers
+        ):
+            raise SATConfigError(f"SATConfig.layers={layers!r} must be a list of integer layer indices or null (all)")
+        if not layers:
+            raise SATConfigError("SATConfig.layers=[] names no layer; list layer indices, or null for all layers")
+        repeated = sorted({i for i in layers if list(layers).count(i) > 1})
+        if repeated:
+            raise SATConfigError(f"SATConfig.layers={list(layers)!r} repeats {repeated[0]}; list each layer once")
+        self.layers = list(layers)
 
     def _validate_steps(self) -> None:
         stairs = self.steps
@@ -118,7 +135,7 @@ class SATConfig:
             if not isinstance(stair, (list, tuple)) or len(stair) != 2:
                 raise SATConfigError(f"SATConfig.steps[{i}]={stair!r} must be a pair [until_fraction, rate]")
             until, rate = stair
-            if not isinstance(until, (int, float)) or not (last < until <= 1.0):
+            if not _is_number(until) or not (last < until <= 1.0):
                 raise SATConfigError(
                     f"SATConfig.steps[{i}] until_fraction={until!r} must increase and lie in (0, 1]"
                 )

@@ -37,15 +37,16 @@ def _sat_modules(model: nn.Module) -> list[_SATModule]:
 def _resolve_layers(config: SATConfig, n_layers: int) -> list[int]:
     if config.layers is None:
         return list(range(n_layers))
-    out = []
+    allowed = f"the model has {n_layers} decoder layers: 0..{n_layers - 1}, or -{n_layers}..-1 from the end"
+    out: dict[int, int] = {}  # resolved index -> as given
     for i in config.layers:
         if not -n_layers <= i < n_layers:
-            raise SATConfigError(
-                f"SATConfig.layers contains {i}, but the model has {n_layers} decoder layers "
-                f"(allowed: 0..{n_layers - 1}, or -{n_layers}..-1 from the end)"
-            )
-        out.append(i % n_layers)
-    return sorted(set(out))
+            raise SATConfigError(f"SATConfig.layers={config.layers!r}: layer {i} does not exist ({allowed})")
+        if i % n_layers in out:  # 1 and -1 of a 2-layer model are one layer
+            raise SATConfigError(f"SATConfig.layers={config.layers!r}: {out[i % n_layers]} and {i} are the same "
+                                 f"layer ({allowed}); list each layer once")
+        out[i % n_layers] = i
+    return sorted(out)
 
 
 def _check_linear(module: nn.Module, where: str) -> None:
