@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, ModelLoadError
 from ..run_config import EMBEDDED, RunConfig
 
 TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".markdown", ".rst", ".py", ".tex", ".html", ".htm"})
@@ -65,32 +66,62 @@ def resolve_data(spec: str, task: str, split: str, cache_dir: str | None = None)
 
 
 # -- reading records -------------------------------------------------------------------------------------
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, which some editors write first; dropped
+
+
+def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
+    """UTF-8 text, or a DataError naming the file and line of the first NUL byte or undecodable byte."""
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        line = first_line + raw.count(b"\n", 0, nul)
+        raise DataError(f"{path}:{line}: holds a NUL byte, so it looks like a binary file, not UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                        "re-save the file as UTF-8") from None
+
+
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
+        raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    return _decode(raw[len(BOM):] if raw.startswith(BOM) else raw, path)
+
+
+def check_unicode(text: str, where: str, name: str) -> str:
+    """JSON can carry lone surrogates (\\ud800) that no tokenizer accepts; name them here instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field {name!r} holds an unpaired surrogate (\\u{ord(text[e.start]):04x} at "
+                        f"character {e.start}), not valid Unicode text") from None
+    return text
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for each non-blank line; `where` is 'file:line'."""
-    n = 0
+    """(where, record) for each non-blank line; `where` is 'file:line'. Read as bytes line by line, so a line
+    of any length costs its own size and an encoding error names its line."""
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if n == 1 and raw.startswith(BOM):
+                    raw = raw[len(BOM):]
+                line = _decode(raw, path, n)
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+                    raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{n}: JSON nested too deeply") from None
                 if not isinstance(record, dict):
-                    raise DataError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+                    kind = "null" if record is None else type(record).__name__
+                    raise DataError(f"{path}:{n}: expected a JSON object ({{...}}) per line, got {kind}")
                 yield f"{path}:{n}", record
-    except UnicodeDecodeError:
-        raise DataError(f"{path}:{n + 1}: not UTF-8 text") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -100,11 +131,14 @@ def _read_json_list(path: Path) -> Iterator[tuple[str, dict]]:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records")
     for i, record in enumerate(data):
         if not isinstance(record, dict):
-            raise DataError(f"{path}: record {i} is a {type(record).__name__}, expected a JSON object")
+            kind = "null" if record is None else type(record).__name__
+            raise DataError(f"{path}: record {i} is {kind}, expected a JSON object")
         yield f"{path}[{i}]", record
 
 
@@ -117,7 +151,11 @@ def _hf_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
         import datasets
     except ImportError:
         raise DataError(f"{path} is a Hugging Face dataset folder: reading it needs `pip install datasets`") from None
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # a folder that only looks like a dataset: datasets raises many kinds
+        first = str(e).strip().splitlines()
+        raise DataError(f"{path}: cannot load the Hugging Face dataset ({first[0] if first else type(e).__name__})") from None
     if isinstance(ds, datasets.DatasetDict):
         names = ["train"] if split == "train" else list(EVAL_SPLITS)
         found = [n for n in names if n in ds] or (list(ds) if len(ds) == 1 else [])
@@ -132,7 +170,10 @@ def hf_eval_split(path: Path) -> bool:
     """Whether a HF DatasetDict folder holds its own eval split (used when data.eval is null)."""
     if not (path / "dataset_dict.json").is_file():
         return False
-    splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    try:
+        splits = json.loads(_read_text(path / "dataset_dict.json")).get("splits", [])
+    except (json.JSONDecodeError, AttributeError):
+        raise DataError(f"{path / 'dataset_dict.json'}: not a dataset_dict.json (expected {{\"splits\": [...]}})") from None
     return any(s in splits for s in EVAL_SPLITS)
 
 
@@ -173,6 +214,7 @@ def load_documents(path: Path, text_field: str = "text", split: str = "train") -
             record = record[text_field]
             if not isinstance(record, str):
                 raise DataError(f"{where}: field {text_field!r} must be a string, got {type(record).__name__}")
+            check_unicode(record, where, text_field)
         if record.strip():
             docs.append(record)
     if not docs:
@@ -190,6 +232,7 @@ def to_messages(record: dict, where: str) -> list[dict]:
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise DataError(f"{where}: messages[{i}] must be {{\"role\": one of {'/'.join(ROLES)}, "
                                 "\"content\": a string}")
+            check_unicode(m["content"], where, f"messages[{i}].content")
         roles = [m["role"] for m in messages]
         if "assistant" not in roles or "user" not in roles[: roles.index("assistant")]:
             raise DataError(f"{where}: 'messages' needs a user message followed by an assistant message")
@@ -201,6 +244,8 @@ def to_messages(record: dict, where: str) -> list[dict]:
     for key in ("instruction", "input", "output"):
         if key in record and record[key] is not None and not isinstance(record[key], str):
             raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
+        if isinstance(record.get(key), str):
+            check_unicode(record[key], where, key)
     prompt = record["instruction"]
     if record.get("input"):
         prompt = f"{prompt}\n\n{record['input']}"
@@ -245,9 +290,16 @@ def split_held_out(items: list, fraction: float, key: Callable[[Any], str] = str
 
 # -- tokenizing ------------------------------------------------------------------------------------------
 def ensure_pad_token(tokenizer) -> None:
-    """Padding needs an id; a tokenizer without a pad token pads with EOS (masked out of attention and loss)."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    """Padding needs an id; a tokenizer without a pad token pads with EOS, else UNK (masked out of attention
+    and loss, so which token pads does not matter)."""
+    if tokenizer.pad_token_id is not None:
+        return
+    fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if fallback is None:
+        raise ModelLoadError(f"the tokenizer of {getattr(tokenizer, 'name_or_path', '') or 'this model'!r} has no "
+                             "pad, eos or unk token to pad sft batches with; set pad_token in its "
+                             "tokenizer_config.json")
+    tokenizer.pad_token = fallback
 
 
 def _wrap_ids(tokenizer) -> tuple[list[int], list[int]]:
@@ -312,21 +364,40 @@ def uses_chat_template(tokenizer, template: str) -> bool:
     return template == "chat" or (template == "auto" and has)
 
 
-def encode_conversation(messages: list[dict], tokenizer, seq_len: int, chat: bool, where: str = "example"):
-    """{'input_ids', 'labels'} (lists, truncated to seq_len), or None when truncation leaves no response token."""
+def _encode(messages: list[dict], tokenizer, seq_len: int, chat: bool, where: str) -> tuple[dict | None, bool]:
+    """(example truncated to seq_len, or None when no response token is left; whether truncation lost response
+    tokens; losing only the untrained text after the last response does not count). Segments past seq_len are
+    not tokenized, so a huge example costs little more than its first seq_len tokens."""
     segments = _chat_segments(messages, tokenizer, where) if chat else _builtin_segments(messages, tokenizer)
     ids: list[int] = []
     labels: list[int] = []
-    for part, trained in segments:
+    cut = False
+    for i, (part, trained) in enumerate(segments):
         part_ids = part if isinstance(part, list) else tokenizer(part, add_special_tokens=False)["input_ids"]
         ids += part_ids
         labels += part_ids if trained else [IGNORE_INDEX] * len(part_ids)
-        if len(ids) >= seq_len:
+        if len(ids) > seq_len:
+            cut = trained or any(t for _, t in segments[i + 1:])
             break
     ids, labels = ids[:seq_len], labels[:seq_len]
     if all(label == IGNORE_INDEX for label in labels[1:]):  # the first label is never predicted
-        return None
-    return {"input_ids": ids, "labels": labels}
+        return None, cut
+    return {"input_ids": ids, "labels": labels}, cut
+
+
+def encode_conversation(messages: list[dict], tokenizer, seq_len: int, chat: bool, where: str = "example",
+                        truncation: str = "truncate"):
+    """{'input_ids', 'labels'} (lists, truncated to seq_len), or None when truncation leaves no response token.
+    truncation='error': a DataError naming `where` for an example longer than seq_len instead."""
+    example, cut = _encode(messages, tokenizer, seq_len, chat, where)
+    if cut and truncation == "error":
+        raise _too_long(where, seq_len)
+    return example
+
+
+def _too_long(where: str, seq_len: int) -> DataError:
+    return DataError(f"{where}: example is longer than seq_len={seq_len} tokens (data.truncation=error); "
+                     "raise seq_len, shorten the example or set data.truncation=truncate")
 
 
 # -- datasets and collators ------------------------------------------------------------------------------
@@ -399,12 +470,31 @@ class RunData:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _sft_examples(convs, tokenizer, seq_len, chat, name) -> tuple[list[dict], int]:
-    examples = [encode_conversation(m, tokenizer, seq_len, chat, where) for where, m in convs]
-    kept = [e for e in examples if e is not None]
+def _sft_examples(convs, tokenizer, seq_len, chat, name, truncation="truncate") -> tuple[list[dict], int, int]:
+    """(examples, how many were dropped, how many were cut to seq_len and kept)."""
+    kept, dropped, cut = [], 0, 0
+    for where, messages in convs:
+        example, was_cut = _encode(messages, tokenizer, seq_len, chat, where)
+        if was_cut and truncation == "error":
+            raise _too_long(where, seq_len)
+        if example is None:
+            dropped += 1
+        else:
+            kept.append(example)
+            cut += was_cut
     if not kept:
-        raise DataError(f"{name}: no example keeps a response token within seq_len={seq_len}")
-    return kept, len(examples) - len(kept)
+        raise DataError(f"{name}: no example keeps a response token within seq_len={seq_len} "
+                        f"({dropped} of {len(convs)} dropped by truncation); raise seq_len")
+    return kept, dropped, cut
+
+
+def _warn_truncation(name: str, seq_len: int, cut: int, dropped: int, total: int) -> None:
+    """One warning per data set, never one per example."""
+    if cut or dropped:
+        warnings.warn(f"{name}: {cut + dropped} of {total} sft examples are longer than seq_len={seq_len}: "
+                      f"{cut} truncated, {dropped} dropped (truncation left no response token); raise seq_len "
+                      "to keep them whole, or set data.truncation=error to stop on the first", UserWarning,
+                      stacklevel=3)
 
 
 def build_datasets(cfg: RunConfig, tokenizer) -> RunData:
@@ -443,22 +533,31 @@ def build_datasets(cfg: RunConfig, tokenizer) -> RunData:
             train_convs, eval_convs = split_held_out(convs, d.eval_fraction, key=lambda c: json.dumps(c[1]))
             if not eval_convs:
                 raise DataError(f"{train_path}: one example; too little to hold out eval data (set data.eval)")
-        train_ex, dropped = _sft_examples(train_convs, tokenizer, cfg.seq_len, chat, str(train_path))
-        eval_ex, eval_dropped = _sft_examples(eval_convs[:cap] if cap else eval_convs, tokenizer, cfg.seq_len,
-                                              chat, f"{eval_path or train_path} (eval)")
+        eval_convs = eval_convs[:cap] if cap else eval_convs
+        eval_name = f"{eval_path or train_path} (eval)"
+        train_ex, dropped, cut = _sft_examples(train_convs, tokenizer, cfg.seq_len, chat, str(train_path),
+                                               d.truncation)
+        eval_ex, eval_dropped, eval_cut = _sft_examples(eval_convs, tokenizer, cfg.seq_len, chat, eval_name,
+                                                        d.truncation)
+        _warn_truncation(str(train_path), cfg.seq_len, cut, dropped, len(train_convs))
+        _warn_truncation(eval_name, cfg.seq_len, eval_cut, eval_dropped, len(eval_convs))
         train_ds, eval_ds = SFTDataset(train_ex), SFTDataset(eval_ex)
-        info.update(template="chat" if chat else "builtin", dropped_examples=dropped + eval_dropped)
+        info.update(template="chat" if chat else "builtin", dropped_examples=dropped + eval_dropped,
+                    truncated_examples=cut + eval_cut)
     info.update(train_examples=len(train_ds), eval_examples=len(eval_ds), train_tokens=train_ds.num_tokens())
     return RunData(train_ds, eval_ds, collator_for(task, tokenizer), info)
 
 
 def build_eval_dataset(path: Path, task: str, tokenizer, seq_len: int, template: str = "auto",
-                       max_samples: int | None = None, text_field: str = "text") -> torch.utils.data.Dataset:
+                       max_samples: int | None = None, text_field: str = "text",
+                       truncation: str = "truncate") -> torch.utils.data.Dataset:
     """Held-out data alone, for `satlm eval`."""
     if task == "cpt":
         blocks = pack_blocks(load_documents(path, text_field, "eval"), tokenizer, seq_len, str(path))
         return BlockDataset(blocks[:max_samples] if max_samples else blocks)
     convs = load_conversations(path, "eval")
     chat = uses_chat_template(tokenizer, template)
-    examples, _ = _sft_examples(convs[:max_samples] if max_samples else convs, tokenizer, seq_len, chat, str(path))
+    convs = convs[:max_samples] if max_samples else convs
+    examples, dropped, cut = _sft_examples(convs, tokenizer, seq_len, chat, str(path), truncation)
+    _warn_truncation(str(path), seq_len, cut, dropped, len(convs))
     return SFTDataset(examples)
