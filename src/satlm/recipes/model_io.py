@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
+from ..config import SATConfigError
+from ..errors import ModelLoadError, RunConfigError
 from ..modeling.adapters import ADAPTERS, UnsupportedModelError
 from ..run_config import EMBEDDED
 
@@ -52,6 +53,42 @@ def check_supported(path: str) -> None:
             f"satlm does not support {names[0]} (model_type {config.model_type!r}) from {path}; "
             f"supported model classes: {', '.join(sorted(ADAPTERS))}"
         )
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(config) -> tuple[int | None, str]:
+    """(the longest sequence the model has positions for, the config key it came from); (None, '') if unknown."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in CONTEXT_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None, ""
+
+
+def check_run_fits_model(cfg, path: str) -> None:
+    """From the model's config alone (no weights): seq_len within its context, sat.layers among its layers.
+
+    seq_len above the context is an error, not a clamp: rotary models would train on positions they never
+    saw, and models with learned positions would index past their table.
+    """
+    config = load_model_config(path)
+    limit, key = context_length(config)
+    if limit is not None and cfg.seq_len > limit:
+        raise RunConfigError(f"seq_len={cfg.seq_len} exceeds the model's context of {limit} tokens ({key} in "
+                             f"{path}); set seq_len <= {limit}")
+    n_layers = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                       "num_hidden_layers", None)
+    if cfg.sat.enabled and cfg.sat.layers is not None and isinstance(n_layers, int):
+        bad = [i for i in cfg.sat.layers if not -n_layers <= i < n_layers]
+        if bad:
+            raise SATConfigError(f"sat.layers={cfg.sat.layers!r}: layer {bad[0]} does not exist; the model has "
+                                 f"{n_layers} decoder layers: 0..{n_layers - 1}, or -{n_layers}..-1 from the end")
+        if len({i % n_layers for i in cfg.sat.layers}) < len(cfg.sat.layers):
+            raise SATConfigError(f"sat.layers={cfg.sat.layers!r} names a layer twice (the model has {n_layers} "
+                                 f"decoder layers: -1 is {n_layers - 1}); list each layer once")
 
 
 def load_tokenizer(path: str):
