@@ -8,7 +8,8 @@
 
 Configs are YAML files (or the name of a shipped one: demo-cpt, demo-sft, ...); every key can be
 overridden as key=value, dotted for sections: sat.omission_rate=0.3 data.train=corpus/.
-Errors in the input (config, data, model) print one line and exit with status 1.
+Errors in the input (config, data, model) print one line and exit with status 1; a training run
+stopped by SIGINT / SIGTERM exits with 130 / 143 after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = COMMANDS[name][0](argv[1:])
     except EXPECTED_ERRORS as e:
         print(f"satlm {name}: error: {_one_line(e)}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)  # TrainingInterrupted: 128 + the signal number
     except KeyboardInterrupt:
         print(f"satlm {name}: interrupted", file=sys.stderr)
         return 130

@@ -19,4 +19,23 @@ class ModelLoadError(SATLMError):
     """A model or tokenizer that cannot be loaded from the given path or hub name."""
 
 
-__all__ = ["SATLMError", "RunConfigError", "DataError", "ModelLoadError"]
+class TrainingInterrupted(SATLMError):
+    """Training stopped on SIGINT / SIGTERM; the message names the checkpoint and how to resume. The CLI
+    exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM), as a shell reports such a stop."""
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class NumericalError(SATLMError):
+    """A NaN or inf training loss or gradient; the message names the step and the last good checkpoint."""
+
+
+class CheckpointError(SATLMError):
+    """A checkpoint that could not be written whole (disk full, ...); the previous checkpoints are intact."""
+
+
+__all__ = ["SATLMError", "RunConfigError", "DataError", "ModelLoadError", "TrainingInterrupted", "NumericalError",
+           "CheckpointError"]
