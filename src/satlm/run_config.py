@@ -109,6 +109,9 @@ class RunConfig:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 disables clipping."""
+    max_skipped_steps: int = 0
+    """Steps with a NaN or inf loss or gradient whose update may be dropped (the run goes on) before the
+    run stops; 0: stop at the first, before its update, keeping the last good checkpoint."""
     optim: str = "adamw_torch_fused"
     """A transformers optimizer name; fused AdamW is the fast one on CPU and GPU."""
     seed: int = 42
@@ -150,7 +153,7 @@ class RunConfig:
         for key in ("max_steps", "batch_size", "grad_accum", "logging_steps"):
             _at_least(key, getattr(self, key), 1)
         _at_least("seq_len", self.seq_len, 2)
-        for key in ("save_steps", "eval_steps"):
+        for key in ("save_steps", "eval_steps", "max_skipped_steps"):
             _at_least(key, getattr(self, key), 0)
         if self.eval_batch_size is not None:
             _at_least("eval_batch_size", self.eval_batch_size, 1)

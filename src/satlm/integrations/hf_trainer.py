@@ -84,7 +84,10 @@ class SATCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
         if os.path.isdir(folder):
-            torch.save(sat_state_dict(self._model(model)), os.path.join(folder, SAT_STATE_NAME))
+            # Whole or absent: a process killed while writing leaves only the temporary name behind.
+            path = os.path.join(folder, SAT_STATE_NAME)
+            torch.save(sat_state_dict(self._model(model)), path + ".tmp")
+            os.replace(path + ".tmp", path)
 
 
 __all__ = ["SATCallback", "SAT_STATE_NAME"]

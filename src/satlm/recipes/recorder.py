@@ -20,9 +20,18 @@ EVAL_NAME = "eval.jsonl"
 
 
 def read_jsonl_records(path: Path) -> list[dict]:
+    """The records of a metrics / eval file; a last line cut short (the process was killed while appending
+    it) is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            records.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:
+            pass
+    return records
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:

@@ -7,7 +7,8 @@ A flat recipe: setup (output dir, model, data, Trainer) -> train -> save -> clea
                      tokens_per_second, elapsed_seconds (+ train_seconds, tokens, grad_norm)
     eval.jsonl       one record per (dense) evaluation: step, eval_loss, eval_perplexity, ...
     summary.json     steps, tokens, wall_seconds, tokens_per_second, train_loss, eval_loss, eval_perplexity
-    checkpoint-N/    for resume (the Trainer's files plus sat_state.pt)
+    checkpoint-N/    for resume (the Trainer's files plus sat_state.pt); written in .tmp-checkpoints/ and
+                     renamed here when whole, so a run killed at any moment resumes from a whole one
     final/           a plain HF model and tokenizer
     plots/           training.png
     tensorboard/     when tensorboard is installed
@@ -18,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -26,33 +26,23 @@ from typing import Sequence
 import torch
 
 from ..distributed import is_main_process, on_main_process
-from ..errors import DataError, RunConfigError
+from ..errors import DataError, NumericalError, RunConfigError
 from ..run_config import RunConfig
 from .data import build_datasets
 from .evaluate import evaluate_loss
+from .guard import (STAGING_DIR, AtomicCheckpoints, FaultGuard, NothingLeftToTrain, catch_stop_signals,
+                    check_output_dir, checkpoint_bytes, checkpoints)
 from .model_io import check_supported, load_model, load_tokenizer, resolve_model_path
 from .plots import plot_run
 from .recorder import EVAL_NAME, METRICS_NAME, RunRecorder
 
 CONFIG_NAME, SUMMARY_NAME, FINAL_DIR = "config.yaml", "summary.json", "final"
-RUN_FILES = (CONFIG_NAME, METRICS_NAME, EVAL_NAME, SUMMARY_NAME, FINAL_DIR, "plots", "tensorboard")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+RUN_FILES = (CONFIG_NAME, METRICS_NAME, EVAL_NAME, SUMMARY_NAME, FINAL_DIR, "plots", "tensorboard", STAGING_DIR)
 
 
 # -- output directory ------------------------------------------------------------------------------------
-def checkpoints(out_dir: Path, sat: bool = False) -> list[Path]:
-    """checkpoint-N folders written whole, oldest first: the Trainer writes trainer_state.json last, and
-    SATCallback writes sat_state.pt after it (required when `sat`)."""
-    from ..integrations.hf_trainer import SAT_STATE_NAME
-
-    found = []
-    if out_dir.is_dir():
-        for p in out_dir.iterdir():
-            m = _CHECKPOINT.match(p.name)
-            if m and p.is_dir() and (p / "trainer_state.json").is_file() and (
-                    not sat or (p / SAT_STATE_NAME).is_file()):
-                found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+def _is_checkpoint_name(name: str) -> bool:
+    return name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit()
 
 
 def plan_output_dir(cfg: RunConfig) -> tuple[str | None, list[Path]]:
@@ -62,6 +52,9 @@ def plan_output_dir(cfg: RunConfig) -> tuple[str | None, list[Path]]:
         if isinstance(cfg.resume, str):
             if not (Path(cfg.resume) / "trainer_state.json").is_file():
                 raise RunConfigError(f"resume={cfg.resume!r} is not a checkpoint folder (no trainer_state.json)")
+            if Path(cfg.resume).resolve().parent == (out / STAGING_DIR).resolve():
+                raise RunConfigError(f"resume={cfg.resume!r} is a checkpoint that was never finished; resume "
+                                     f"from a checkpoint-N/ folder of {out}")
             return cfg.resume, []
         found = checkpoints(out, sat=cfg.sat.enabled)
         if not found:
@@ -70,15 +63,16 @@ def plan_output_dir(cfg: RunConfig) -> tuple[str | None, list[Path]]:
     if out.exists() and not out.is_dir():
         raise RunConfigError(f"output_dir {out} is a file")
     previous = [out / name for name in RUN_FILES if (out / name).exists()]
-    previous += [p for p in (out.iterdir() if out.is_dir() else []) if _CHECKPOINT.match(p.name)]
+    previous += [p for p in (out.iterdir() if out.is_dir() else []) if _is_checkpoint_name(p.name)]
     if previous and not cfg.overwrite:
         raise RunConfigError(f"output_dir {out} already holds a run; set resume=true to continue it "
                              "or overwrite=true to replace it")
     return None, previous
 
 
-def prepare_output_dir(cfg: RunConfig, stale: list[Path]) -> Path:
-    """Remove a previous run's files (only what a run writes, never the rest of the folder) and create the dir."""
+def prepare_output_dir(cfg: RunConfig, stale: list[Path], need_bytes: int = 0) -> Path:
+    """Remove a previous run's files (only what a run writes, never the rest of the folder), create the dir
+    and check that it takes files and has room for a checkpoint of `need_bytes`."""
     out = Path(cfg.output_dir)
     for p in stale:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -86,6 +80,7 @@ def prepare_output_dir(cfg: RunConfig, stale: list[Path]) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunConfigError(f"cannot create output_dir {out}: {e.strerror or e}") from None
+    check_output_dir(out, need_bytes)
     return out
 
 
@@ -115,7 +110,7 @@ def training_arguments(cfg: RunConfig, precision: str):
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     warmup = cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * cfg.max_steps)
     kwargs = dict(
-        output_dir=cfg.output_dir,
+        output_dir=str(Path(cfg.output_dir) / STAGING_DIR),  # checkpoints are staged; see guard.AtomicCheckpoints
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size or cfg.batch_size,
@@ -152,6 +147,8 @@ def training_arguments(cfg: RunConfig, precision: str):
     ckpt_key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     kwargs[ckpt_key] = cfg.gradient_checkpointing
     check_trainer_args(cfg)
+    if "output_dir" in cfg.trainer_args:
+        raise RunConfigError("trainer_args.output_dir: set the run directory with output_dir")
     kwargs.update(cfg.trainer_args)
     try:
         return TrainingArguments(**kwargs)
@@ -201,7 +198,7 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
     model.config.use_cache = False  # no KV cache in training
     if cfg.sat.enabled:
         apply_sat(model, cfg.sat.to_sat_config())
-    out = on_main_process(prepare_output_dir, cfg, stale)
+    out = on_main_process(prepare_output_dir, cfg, stale, checkpoint_bytes(model, cfg.optim))
     if is_main_process():
         (out / CONFIG_NAME).write_text(cfg.to_yaml(header="satlm train " + str(out / CONFIG_NAME)))
 
@@ -213,16 +210,21 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
 
     recorder = RunRecorder(out, evaluate, cfg.eval_steps, tensorboard=cfg.tensorboard, progress=cfg.progress)
     sat_callbacks = [SATCallback(resume_from_checkpoint=resume_from)] if cfg.sat.enabled else []
+    guard = FaultGuard(out, cfg.max_skipped_steps)
+    # Last, so that every other on_save (sat_state.pt) is in the folder before it is renamed; it rotates
+    # checkpoints after the rename, so the Trainer must not rotate them before.
+    saver = AtomicCheckpoints(out, keep=args.save_total_limit)
+    args.save_total_limit = None
     trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=data.collator,
-                      processing_class=tokenizer, callbacks=[*sat_callbacks, recorder, *callbacks])
+                      processing_class=tokenizer, callbacks=[*sat_callbacks, recorder, *callbacks, guard, saver])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
 
     # train
     try:
-        trainer.train(resume_from_checkpoint=resume_from)
+        _train(trainer, resume_from, guard, saver)
         state = trainer.state
-        completed = state.global_step >= state.max_steps
+        completed = state.global_step >= state.max_steps and not guard.stop_signal
         final = recorder.run_eval(state) if completed else (recorder.evals[-1] if recorder.evals else {})
 
         # save
@@ -239,6 +241,7 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
             "train_seconds": recorder.records[-1]["train_seconds"] if recorder.records else 0.0,
             "eval_tokens": final.get("eval_tokens"),
             "completed": completed,
+            "skipped_steps": guard.skipped,
             "task": cfg.task,
             "model": model_path,
             "sat_enabled": cfg.sat.enabled,
@@ -253,14 +256,39 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
             plot_run(out)
     finally:
         # cleanup
+        guard.close()
         recorder.close()
         if cfg.sat.enabled and getattr(model, "sat_runtime", None) is not None:
             remove_sat(model)
         del trainer
         gc.collect()
+    if guard.stop_signal:
+        raise guard.interrupted(summary["steps"])
     if not quiet and is_main_process():
         _print_summary(summary, out)
     return summary
+
+
+def _train(trainer, resume_from: str | None, guard: FaultGuard, saver: AtomicCheckpoints) -> None:
+    """trainer.train() under the guards: SIGINT / SIGTERM stop it with a checkpoint (the same signal again at
+    once), and a save that fails (disk full, ...) is a CheckpointError that names what is left."""
+    try:
+        with catch_stop_signals(guard):
+            trainer.train(resume_from_checkpoint=resume_from)
+    except NothingLeftToTrain:  # resumed from checkpoint-<max_steps>: the caller evaluates and saves final/
+        if trainer.args.should_save:
+            saver.tidy()
+    except KeyboardInterrupt:
+        if not guard.received:
+            raise
+        raise guard.stopped_at_once(trainer.state.global_step) from None
+    except NumericalError:
+        raise
+    except Exception as e:
+        partial = saver.partial() if trainer.args.should_save else None
+        if partial is None:
+            raise
+        raise saver.failed(partial, e) from e
 
 
 def _print_summary(s: dict, out: Path) -> None:
