@@ -11,8 +11,8 @@ ARCHS = ("llama", "mistral", "qwen2")
 
 
 def tiny_model(arch: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidden: int = 64, inter: int = 96,
-               layers: int = 2, vocab: int = 128, attn: str = "eager", seed: int = 0, tie: bool = False):
-    """A tiny decoder LM of the given architecture, fp32, deterministic weights."""
+               layers: int = 2, vocab: int = 128, attn: str = "eager", seed: int = 0, tie: bool = False, **extra):
+    """A tiny decoder LM of the given architecture, fp32, deterministic weights (extra: more config fields)."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
 
@@ -20,7 +20,7 @@ def tiny_model(arch: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidden
            "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
     cfg = cls[0](vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                 tie_word_embeddings=tie, use_cache=False)
+                 tie_word_embeddings=tie, use_cache=False, **extra)
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
     model = cls[1](cfg)

@@ -50,8 +50,10 @@ def test_saved_activation_bytes_halve_at_rate_half(source):
         dense_attn, dense_mlp = saved_bytes(attn, excl), saved_bytes(mlp, excl)
     rt.begin_forward(None)
     sat_attn, sat_mlp = saved_bytes(attn, excl), saved_bytes(mlp, excl)
-    # Kept activations are half; the sliced weights and index vectors add a few percent at this size.
-    assert 0.45 <= sat_mlp / dense_mlp <= 0.6, (sat_mlp, dense_mlp)
+    # Dense saves G, act(G), U and H (4 x f per token); the fused SAT MLP saves the kept G and U only
+    # (2 x k) and recomputes the activation: a quarter at r=0.5. Attention: kept activations are half; the
+    # index vectors add a few percent at this size.
+    assert 0.22 <= sat_mlp / dense_mlp <= 0.3, (sat_mlp, dense_mlp)
     assert 0.45 <= sat_attn / dense_attn <= 0.6, (sat_attn, dense_attn)
 
 

@@ -83,20 +83,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 CASES = [
-    # (arch, heads, kv_heads, attention implementation)
-    ("llama", 8, 2, "eager"),
-    ("llama", 4, 4, "eager"),
-    ("llama", 8, 2, "sdpa"),
-    ("mistral", 8, 2, "sdpa"),
-    ("qwen2", 8, 4, "eager"),
+    # (arch, heads, kv_heads, attention implementation, other config fields)
+    ("llama", 8, 2, "eager", {}),
+    ("llama", 4, 4, "eager", {}),
+    ("llama", 8, 2, "sdpa", {}),
+    ("mistral", 8, 2, "sdpa", {}),
+    ("qwen2", 8, 4, "eager", {}),
+    # MLP biases (the fused SiLU MLP), and a non-SiLU activation (the unfused MLP path)
+    ("llama", 8, 2, "sdpa", {"mlp_bias": True, "attention_bias": True}),
+    ("llama", 4, 4, "eager", {"hidden_act": "gelu", "mlp_bias": True}),
 ]
 
 
-@pytest.mark.parametrize("arch,heads,kv,impl", CASES)
+@pytest.mark.parametrize("arch,heads,kv,impl,extra", CASES)
 @pytest.mark.parametrize("unit", ["head", "kv_group"])
 @pytest.mark.parametrize("rate", [0.25, 0.5, 0.75])
-def test_current_topk_matches_masked_dense_reference(arch, heads, kv, impl, unit, rate):
-    model = tiny_model(arch, heads=heads, kv_heads=kv, attn=impl)
+def test_current_topk_matches_masked_dense_reference(arch, heads, kv, impl, extra, unit, rate):
+    model = tiny_model(arch, heads=heads, kv_heads=kv, attn=impl, **extra)
     ref_model = copy.deepcopy(model)
     data = batch()
     ref_loss, ref_grads, ref_kept = reference_step(ref_model, data, rate, unit)
@@ -118,6 +121,8 @@ def test_current_topk_matches_masked_dense_reference(arch, heads, kv, impl, unit
         assert off and mlp.gate_proj.weight.grad[off].abs().max() == 0
         assert mlp.up_proj.weight.grad[off].abs().max() == 0
         assert mlp.down_proj.weight.grad[:, off].abs().max() == 0
+        if mlp.gate_proj.bias is not None:
+            assert mlp.gate_proj.bias.grad[off].abs().max() == 0 and mlp.up_proj.bias.grad[off].abs().max() == 0
         attn = layer.self_attn.base_layer
         if unit == "kv_group":
             kept_heads = [g * (n_h // n_kv) + j for g in kept[(i, "attn")] for j in range(n_h // n_kv)]
@@ -160,3 +165,67 @@ def test_dense_tail_of_ladder_is_bit_identical():
     satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="ladder", dense_tail=0.2))
     assert satlm.set_sat_step(model, 95, 100) == (0.0, 0.0)
     assert torch.equal(model(**data).loss, ref(**data).loss)
+
+
+def masked_step(model, data, kept: dict, unit: str):
+    """Loss and grads of the plain model with the outputs of units outside `kept` zeroed before down/o."""
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        cfg = layer.self_attn.config
+        n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+
+        def mlp_hook(mod, args, i=i):
+            (h,) = args
+            m = torch.zeros(h.shape[-1], dtype=h.dtype)
+            m[kept[(i, "mlp")]] = 1
+            return (h * m,)
+
+        def attn_hook(mod, args, i=i, n_h=n_h, n_kv=n_kv):
+            (o,) = args
+            oh = o.view(*o.shape[:2], n_h, -1)
+            units = kept[(i, "attn")]
+            heads = [g * (n_h // n_kv) + j for g in units for j in range(n_h // n_kv)] if unit == "kv_group" else units
+            m = torch.zeros(n_h, 1, dtype=o.dtype)
+            m[heads] = 1
+            return ((oh * m).reshape(o.shape),)
+
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(attn_hook))
+    loss = model(**data).loss
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch,heads,kv,impl,extra", [CASES[0], CASES[3], CASES[4], CASES[5], CASES[6]])
+@pytest.mark.parametrize("unit", ["head", "kv_group"])
+@pytest.mark.parametrize("rate", [0.25, 0.75])
+def test_history_matches_masked_dense_reference(arch, heads, kv, impl, extra, unit, rate):
+    """History mode computes only the kept units: the same loss and gradients as masking the rest."""
+    model = tiny_model(arch, heads=heads, kv_heads=kv, attn=impl, **extra)
+    satlm.apply_sat(model, satlm.SATConfig(omission_rate=rate, schedule="constant", source="history",
+                                           attn_unit=unit))
+    model(**batch(seed=3)).loss.backward()  # the first step observes every unit, to seed the statistics
+    model.zero_grad(set_to_none=True)
+    data = batch()
+    loss, grads, kept = sat_step_applied(model, data)
+    satlm.remove_sat(model)
+    ref_loss, ref_grads = masked_step(model.zero_grad(set_to_none=True) or model, data, kept, unit)
+    assert any(len(v) < (heads if c == "attn" and unit == "head" else kv if c == "attn" else 96)
+               for (_, c), v in kept.items())
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    for name, g_ref in ref_grads.items():
+        assert rel_err(grads[name], g_ref) <= 1e-5, name
+
+
+def sat_step_applied(model, data):
+    loss = model(**data).loss
+    loss.backward()
+    grads = {n.replace("base_layer.", ""): p.grad.clone() for n, p in model.named_parameters()}
+    kept = {}
+    for entry in satlm.sat_state(model)["layers"]:
+        for comp in ("mlp", "attn"):
+            e = entry[comp]
+            kept[(entry["layer"], comp)] = e["kept"] if e["kept"] is not None else list(range(e["n_units"]))
+    return loss.detach(), grads, kept

@@ -2,7 +2,8 @@
 
 `row_linears` computes (or, in paper mode, receives already computed) F.linear(x, W[idx], b[idx]) for one
 or more projections that share their input x: q/k/v, or gate/up. `col_linear` is F.linear(h, W[:, idx], b)
-for the down and output projections. Both save only their input, the parameters themselves and the index
+for the down and output projections. `swiglu_mlp` is a whole SiLU-gated MLP over kept channels in one
+function: it saves only x and the kept gate/up outputs, and recomputes the activation in the backward. Both save only their input, the parameters themselves and the index
 vectors: the weight slices are taken again in the backward, and the gradients of the kept rows or columns
 are written into a zero gradient of the full parameter with `index_copy_`.
 """
@@ -105,3 +106,75 @@ def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Feature indices of whole heads: head h -> h*head_dim ... h*head_dim + head_dim - 1.  (k,) -> (k*head_dim,)"""
     offsets = torch.arange(head_dim, device=heads.device, dtype=heads.dtype)
     return (heads[:, None] * head_dim + offsets).reshape(-1)
+
+
+def _kept_rows_into(weights, idx, dtype=None) -> torch.Tensor:
+    """[W_0[idx]; W_1[idx]; ...] gathered straight into one buffer (one copy, no cat)."""
+    k = idx.shape[0]
+    out = torch.empty(k * len(weights), weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
+    for j, w in enumerate(weights):
+        torch.index_select(w, 0, idx, out=out[j * k:(j + 1) * k])
+    return out if dtype is None else out.to(dtype)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, idx, gu, wg, wu, wd, bg, bu, bd):
+        k = idx.shape[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        if gu is None:  # history mode: one GEMM over the kept gate and up rows
+            b = None
+            if bg is not None or bu is not None:
+                b = torch.cat([bi.index_select(0, idx) if bi is not None else wg.new_zeros(k) for bi in (bg, bu)])
+            gu = F.linear(x2, _kept_rows_into([wg, wu], idx), b)  # (N, 2k): 4 N d k FLOPs
+        else:  # paper mode: computed without autograd while scoring
+            gu = gu.detach().reshape(x2.shape[0], 2 * k)
+        h = F.silu(gu[:, :k]).mul_(gu[:, k:])  # (N, k)
+        y = F.linear(h, wd.index_select(1, idx), bd)  # 2 N d k FLOPs
+        ctx.save_for_backward(x, gu, wg, wu, wd, idx)
+        ctx.biases = tuple((b.shape, b.dtype) if b is not None else None for b in (bg, bu, bd))
+        ctx.mark_non_differentiable(h)
+        return y.reshape(*x.shape[:-1], y.shape[-1]), h.reshape(*x.shape[:-1], k)
+
+    @staticmethod
+    def backward(ctx, dy, _dh_unused):
+        x, gu, wg, wu, wd, idx = ctx.saved_tensors
+        k = idx.shape[0]
+        dtype = dy.dtype
+        x2, dy2 = x.reshape(-1, x.shape[-1]).to(dtype), dy.reshape(-1, dy.shape[-1])
+        gu = gu.to(dtype)
+        g, u = gu[:, :k], gu[:, k:]
+        a = F.silu(g)  # recomputed: nothing of the activation was saved
+        dh = dy2 @ wd.index_select(1, idx).to(dtype)  # (N, k): 2 N d k FLOPs
+        need = ctx.needs_input_grad
+        grad_wd = grad_bd = grad_wg = grad_wu = grad_bg = grad_bu = grad_x = None
+        if need[5]:
+            part = dy2.t() @ (a * u).to(dtype)  # (d, k): 2 N d k FLOPs
+            grad_wd = torch.zeros_like(wd).index_copy_(1, idx, part.to(wd.dtype))
+        if ctx.biases[2] is not None and need[8]:
+            grad_bd = dy2.sum(0).to(ctx.biases[2][1])
+        dgu = torch.empty_like(gu)  # d(gate), d(up) side by side, so that one GEMM serves both
+        torch.mul(dh, a, out=dgu[:, k:])
+        torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=dgu[:, :k])
+        if need[0]:
+            grad_x = (dgu @ _kept_rows_into([wg, wu], idx, dtype)).reshape(x.shape).to(x.dtype)  # 4 N d k
+        if need[3] or need[4]:
+            gw = dgu.t() @ x2  # (2k, d): 4 N d k FLOPs
+            grad_wg = torch.zeros_like(wg).index_copy_(0, idx, gw[:k].to(wg.dtype))
+            grad_wu = torch.zeros_like(wu).index_copy_(0, idx, gw[k:].to(wu.dtype))
+        grads_b = []
+        for part, spec in ((dgu[:, :k], ctx.biases[0]), (dgu[:, k:], ctx.biases[1])):
+            grads_b.append(None if spec is None else
+                           part.new_zeros(spec[0], dtype=spec[1]).index_copy_(0, idx, part.sum(0).to(spec[1])))
+        grad_bg, grad_bu = grads_b
+        return grad_x, None, None, grad_wg, grad_wu, grad_wd, grad_bg, grad_bu, grad_bd
+
+
+def swiglu_mlp(x, idx, gate, up, down, gu=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """down(silu(gate(x)) * up(x)) over the kept channels idx, and the kept activations H (no gradient).
+
+    x: (..., d); gate/up/down: nn.Linear; idx: (k,) kept channels, ascending; gu: (..., 2k) the kept gate
+    and up outputs side by side when already computed (paper mode), else None. Saves x and the (N, 2k)
+    gate/up outputs only: the activation is recomputed in the backward.
+    """
+    return _SwiGLU.apply(x, idx, gu, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..config import SATConfig
 from ..core.importance import group_scores, head_scores, mlp_scores
-from ..core.ops import col_linear, head_columns, row_linears
+from ..core.ops import col_linear, head_columns, row_linears, swiglu_mlp
 from ..core.selection import select_units, uniform
 from ..distributed import reduce_scores
 from ..schedules import kept_count, scheduled_rates
@@ -191,6 +191,7 @@ class SATMLP(_SATModule):
         ad, base = self.sat_runtime.adapter, self.base_layer
         gate, up, down = get_path(base, ad.gate), get_path(base, ad.up), get_path(base, ad.down)
         act = base.act_fn
+        fused = _is_silu(act)  # one function for the whole MLP, that saves only x and the kept gate/up outputs
         metric = self.sat_runtime.config.metric
         mask = self.sat_runtime.mask_for(x)
         if self._use_history():
@@ -198,12 +199,16 @@ class SATMLP(_SATModule):
             fresh = idx is None
             if fresh:
                 idx = self._choose(k, self._history_scores(), x.device)
-            g, u = _kept_linears(x, [gate, up], [idx, idx])  # (B, T, k) each
-            h = act(g) * u
+            if fused:
+                y, h = swiglu_mlp(x, idx, gate, up, down)
+            else:
+                g, u = _kept_linears(x, [gate, up], [idx, idx])  # (B, T, k) each
+                h = act(g) * u
+                y = col_linear(h, down.weight, idx, down.bias)
             if fresh:
                 with torch.no_grad():
                     self._observe(idx, mlp_scores(h.detach(), mask, metric, _kept_cols(down, idx, metric)))
-            return col_linear(h, down.weight, idx, down.bias)
+            return y
 
         with torch.no_grad():
             g_all, u_all = gate(x), up(x)  # (B, T, f): every channel, to score them
@@ -215,10 +220,21 @@ class SATMLP(_SATModule):
                     scores = mlp_scores(h_all.mul_(u_all), mask, metric, down.weight)
                     del h_all
                 idx = self._choose(k, scores, x.device)
-            g_k, u_k = g_all.index_select(-1, idx), u_all.index_select(-1, idx)  # (B, T, k)
+            if fused:  # the kept gate and up outputs side by side: (B, T, 2k)
+                gu = g_all.new_empty(*g_all.shape[:-1], 2 * k)
+                torch.index_select(g_all, -1, idx, out=gu[..., :k])
+                torch.index_select(u_all, -1, idx, out=gu[..., k:])
+            else:
+                g_k, u_k = g_all.index_select(-1, idx), u_all.index_select(-1, idx)  # (B, T, k)
             del g_all, u_all
+        if fused:
+            return swiglu_mlp(x, idx, gate, up, down, gu)[0]
         g, u = _kept_linears(x, [gate, up], [idx, idx], [g_k, u_k])
         return col_linear(act(g) * u, down.weight, idx, down.bias)
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
 
 
 class _GroupsView:
