@@ -30,13 +30,21 @@ def mlp_scores(
 
     down_weight: (d, f) columns, needed by `output`.
     """
-    hm = _masked(h, token_mask)
+    hm = _masked(h, token_mask).reshape(-1, h.shape[-1])  # (N, f)
     if metric == "l1":
-        return hm.abs().sum(dim=(0, 1), dtype=torch.float32) / _token_count(h, token_mask)
-    l2 = torch.linalg.vector_norm(hm, dim=(0, 1), dtype=torch.float32)
+        return hm.abs().sum(dim=0, dtype=torch.float32) / _token_count(h, token_mask)
+    l2 = _square_sum(hm, token_mask is not None).sum(dim=0).sqrt()
     if metric == "output":
         return l2 * torch.linalg.vector_norm(down_weight.detach(), dim=0, dtype=torch.float32)
     return l2  # "l2"; "random" is drawn by the caller
+
+
+def _square_sum(a: torch.Tensor, owned: bool) -> torch.Tensor:
+    """a * a in float32, in place when `a` is a temporary of ours. (Summing squares this way is ~4x faster on
+    the CPU than linalg.vector_norm over the leading dimensions.)"""
+    if a.dtype != torch.float32:
+        a, owned = a.float(), True
+    return a.square_() if owned else a.square()
 
 
 def head_scores(
@@ -57,7 +65,8 @@ def head_scores(
         w = o_weight_cols.detach().float().reshape(-1, n_heads, hd)  # (d, H, hd)
         gram_w = torch.einsum("dhi,dhj->hij", w, w)
         return (gram_o * gram_w).sum(dim=(1, 2)).clamp_min(0).sqrt()
-    return torch.linalg.vector_norm(om, dim=(0, 1, 3), dtype=torch.float32)
+    of = om.reshape(-1, om.shape[2], om.shape[3])  # (N, H, hd)
+    return _square_sum(of, token_mask is not None).sum(dim=(0, 2)).sqrt()
 
 
 def group_scores(head_scores_: torch.Tensor, n_groups: int) -> torch.Tensor:

@@ -220,17 +220,20 @@ class SATMLP(_SATModule):
                     scores = mlp_scores(h_all.mul_(u_all), mask, metric, down.weight)
                     del h_all
                 idx = self._choose(k, scores, x.device)
+            g_k, u_k = _select_last(g_all, idx), _select_last(u_all, idx)  # (B, T, k)
             if fused:  # the kept gate and up outputs side by side: (B, T, 2k)
-                gu = g_all.new_empty(*g_all.shape[:-1], 2 * k)
-                torch.index_select(g_all, -1, idx, out=gu[..., :k])
-                torch.index_select(u_all, -1, idx, out=gu[..., k:])
-            else:
-                g_k, u_k = g_all.index_select(-1, idx), u_all.index_select(-1, idx)  # (B, T, k)
+                gu = torch.cat([g_k, u_k], dim=-1)
             del g_all, u_all
         if fused:
             return swiglu_mlp(x, idx, gate, up, down, gu)[0]
         g, u = _kept_linears(x, [gate, up], [idx, idx], [g_k, u_k])
         return col_linear(act(g) * u, down.weight, idx, down.bias)
+
+
+def _select_last(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[..., idx] for a contiguous t. (On the CPU, index_select along the last dim of a 3-d tensor is ~20x
+    slower than along dim 1 of the same data viewed as 2-d.)"""
+    return t.reshape(-1, t.shape[-1]).index_select(1, idx).reshape(*t.shape[:-1], idx.shape[0])
 
 
 def _is_silu(act) -> bool:
@@ -341,8 +344,8 @@ class SATAttention(_SATModule):
                     units = self._choose(k, scores, x.device)
                 heads, groups, kv_map = self._expand(units)
                 qcols, kvcols = head_columns(heads, hd), head_columns(groups, hd)
-                q_k = q_all.index_select(-1, qcols)
-                k_k, v_k = k_all.index_select(-1, kvcols), v_all.index_select(-1, kvcols)
+                q_k = _select_last(q_all, qcols)
+                k_k, v_k = _select_last(k_all, kvcols), _select_last(v_all, kvcols)
                 del q_all, k_all, v_all
             q, key, val = _kept_linears(x, [qp, kp, vp], [qcols, kvcols, kvcols], [q_k, k_k, v_k])
 
