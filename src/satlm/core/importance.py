@@ -24,16 +24,18 @@ def _token_count(a: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tens
 
 
 def mlp_scores(
-    h: torch.Tensor, token_mask: torch.Tensor | None, metric: str, down_weight: torch.Tensor | None = None
+    h: torch.Tensor, token_mask: torch.Tensor | None, metric: str, down_weight: torch.Tensor | None = None,
+    scratch: bool = False,
 ) -> torch.Tensor:
     """Scores of MLP channels. h = act(G) * U: (B, T, f) -> (f,) float32.
 
-    down_weight: (d, f) columns, needed by `output`.
+    down_weight: (d, f) columns, needed by `output`. scratch: h is a temporary the caller drops, and may be
+    overwritten.
     """
     hm = _masked(h, token_mask).reshape(-1, h.shape[-1])  # (N, f)
     if metric == "l1":
         return hm.abs().sum(dim=0, dtype=torch.float32) / _token_count(h, token_mask)
-    l2 = _square_sum(hm, token_mask is not None).sum(dim=0).sqrt()
+    l2 = _square_sum(hm, scratch or token_mask is not None).sum(dim=0).sqrt()
     if metric == "output":
         return l2 * torch.linalg.vector_norm(down_weight.detach(), dim=0, dtype=torch.float32)
     return l2  # "l2"; "random" is drawn by the caller

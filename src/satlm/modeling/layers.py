@@ -217,7 +217,7 @@ class SATMLP(_SATModule):
                 scores = None
                 if metric != "random":
                     h_all = act(g_all)
-                    scores = mlp_scores(h_all.mul_(u_all), mask, metric, down.weight)
+                    scores = mlp_scores(h_all.mul_(u_all), mask, metric, down.weight, scratch=True)
                     del h_all
                 idx = self._choose(k, scores, x.device)
             g_k, u_k = _select_last(g_all, idx), _select_last(u_all, idx)  # (B, T, k)
