@@ -134,10 +134,13 @@ class _SwiGLU(torch.autograd.Function):
         ctx.save_for_backward(x, gu, wg, wu, wd, idx)
         ctx.biases = tuple((b.shape, b.dtype) if b is not None else None for b in (bg, bu, bd))
         ctx.mark_non_differentiable(h)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for h, which is not differentiable
         return y.reshape(*x.shape[:-1], y.shape[-1]), h.reshape(*x.shape[:-1], k)
 
     @staticmethod
     def backward(ctx, dy, _dh_unused):
+        if dy is None:  # the output was not used (grads are not materialized)
+            return (None,) * 9
         x, gu, wg, wu, wd, idx = ctx.saved_tensors
         k = idx.shape[0]
         dtype = dy.dtype
