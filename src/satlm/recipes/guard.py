@@ -38,7 +38,7 @@ from typing import Iterator
 import torch
 from transformers import TrainerCallback
 
-from ..distributed import barrier, is_main_process
+from ..distributed import barrier, is_main_process, world_size
 from ..errors import CheckpointError, NumericalError, RunConfigError, TrainingInterrupted
 
 STAGING_DIR = ".tmp-checkpoints"  # inside output_dir: checkpoints being written
@@ -53,7 +53,8 @@ def _test_hook(name: str) -> float | None:
 
 
 def resume_hint(out: Path) -> str:
-    return f"resume with: satlm train {out / 'config.yaml'} --resume"
+    launcher = " (under the same torchrun / accelerate launch)" if world_size() > 1 else ""
+    return f"resume with: satlm train {out / 'config.yaml'} --resume{launcher}"
 
 
 def _size(n: float) -> str:
@@ -141,12 +142,10 @@ class AtomicCheckpoints(TrainerCallback):
             os.replace(p, trash)
             shutil.rmtree(trash)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if args.should_save:
-            self.tidy()
-
     def tidy(self) -> None:
-        """Remove the staging folder if nothing is left in it."""
+        """Remove the staging folder if nothing is left in it. Not in on_train_end: under torchrun another
+        rank may still be listing it there (the Trainer's _finalize_training); the recipe calls this after
+        a barrier."""
         if self.staging.is_dir() and not any(self.staging.iterdir()):
             self.staging.rmdir()
 

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ..distributed import is_main_process, on_main_process
+from ..distributed import barrier, is_main_process, on_main_process
 from ..errors import DataError, NumericalError, RunConfigError
 from ..run_config import RunConfig
 from .data import build_datasets
@@ -276,8 +276,7 @@ def _train(trainer, resume_from: str | None, guard: FaultGuard, saver: AtomicChe
         with catch_stop_signals(guard):
             trainer.train(resume_from_checkpoint=resume_from)
     except NothingLeftToTrain:  # resumed from checkpoint-<max_steps>: the caller evaluates and saves final/
-        if trainer.args.should_save:
-            saver.tidy()
+        pass
     except KeyboardInterrupt:
         if not guard.received:
             raise
@@ -289,6 +288,9 @@ def _train(trainer, resume_from: str | None, guard: FaultGuard, saver: AtomicChe
         if partial is None:
             raise
         raise saver.failed(partial, e) from e
+    barrier()  # every rank is done with the staging folder
+    if trainer.args.should_save:
+        saver.tidy()
 
 
 def _print_summary(s: dict, out: Path) -> None:
