@@ -121,6 +121,18 @@ def test_a_jsonl_line_that_is_not_an_object_names_file_and_line(tmp_path, tiny_d
     assert f"{path}:3: expected a JSON object" in str(e.value) and f"got {kind}" in str(e.value)
 
 
+@pytest.mark.parametrize("record, fragment", [
+    ({"instruction": None, "output": "b"}, "field 'instruction' must be a string, got null"),
+    ({"instruction": "a", "output": None}, "field 'output' must be a string, got null"),
+    ({"instruction": "a", "input": 3, "output": "b"}, "field 'input' must be a string or null, got int"),
+])
+def test_sft_null_fields_name_the_line(tmp_path, record, fragment):  # found by tests/test_properties.py
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "a", "input": None, "output": "b"}, record])
+    with pytest.raises(DataError) as e:
+        load_conversations(path)
+    assert f"{path}:2: {fragment}" in str(e.value)
+
+
 def test_a_json_list_file_with_a_record_that_is_not_an_object(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}, None]))
@@ -190,6 +202,19 @@ def test_sft_every_example_dropped_is_an_error(tmp_path, tok):
     with pytest.raises(DataError, match=r"sft\.jsonl: no example keeps a response token within seq_len=16 "
                                         r"\(3 of 3 dropped"):
         build_datasets(_cfg("sft", path, path, "seq_len=16"), tok)
+
+
+@pytest.mark.parametrize("items, fragment", [
+    (["trainer_args.a=1", "trainer_args.a.b=2"], "trainer_args.a is 1, not a mapping"),
+    (["trainer_args=5", "trainer_args.a=1"], "trainer_args is 5, not a mapping"),
+    (["trainer_args.=1"], "'trainer_args.' has an empty part"),
+])
+def test_nested_trainer_args_overrides_over_a_value(items, fragment):
+    with pytest.raises(RunConfigError) as e:
+        load_run_config(None, items)
+    assert fragment in str(e.value)
+    assert load_run_config(None, ["trainer_args.fsdp.x=1", "trainer_args.fsdp.y=2"]).trainer_args == {
+        "fsdp": {"x": 1, "y": 2}}
 
 
 def test_truncation_key_is_checked():

@@ -242,10 +242,13 @@ def to_messages(record: dict, where: str) -> list[dict]:
             raise DataError(f"{where}: missing field {key!r} (an SFT record needs instruction/output, "
                             "optionally input, or messages)")
     for key in ("instruction", "input", "output"):
-        if key in record and record[key] is not None and not isinstance(record[key], str):
-            raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
-        if isinstance(record.get(key), str):
-            check_unicode(record[key], where, key)
+        value = record.get(key)
+        if key in record and not isinstance(value, str) and not (key == "input" and value is None):
+            kind = "null" if value is None else type(value).__name__
+            raise DataError(f"{where}: field {key!r} must be a string{' or null' if key == 'input' else ''}, "
+                            f"got {kind}")
+        if isinstance(value, str):
+            check_unicode(value, where, key)
     prompt = record["instruction"]
     if record.get("input"):
         prompt = f"{prompt}\n\n{record['input']}"
