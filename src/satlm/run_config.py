@@ -408,10 +408,16 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             value = text
         parts = key.split(".")
         if parts[0] == "trainer_args" and len(parts) > 1:
-            raw.setdefault("trainer_args", {})
+            if not all(parts[1:]):
+                raise RunConfigError(f"override {item!r}: {key!r} has an empty part")
+            if raw.get("trainer_args") is None:
+                raw["trainer_args"] = {}
             node = raw["trainer_args"]
-            for p in parts[1:-1]:
-                node = node.setdefault(p, {})
+            for i, p in enumerate(parts[1:], 1):
+                if not isinstance(node, dict):  # trainer_args.a=1 then trainer_args.a.b=2
+                    raise RunConfigError(f"override {item!r}: {'.'.join(parts[:i])} is {node!r}, not a mapping")
+                if i < len(parts) - 1:
+                    node = node.setdefault(p, {})
             node[parts[-1]] = value
             continue
         if key not in config_keys():
