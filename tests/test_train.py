@@ -176,3 +176,16 @@ def test_training_arguments_follow_the_config(tiny_model_dir, tiny_data, tmp_pat
     assert args.train_sampling_strategy == "random" and args.dataloader_drop_last and args.report_to in ([], "none")
     with pytest.raises(RunConfigError, match="trainer_args.fsdpp is not a transformers.TrainingArguments field"):
         training_arguments(_config(tiny_model_dir, tiny_data, tmp_path, **{"trainer_args.fsdpp": "x"}), "fp32")
+
+
+def test_seq_len_beyond_the_context_and_missing_layers_fail_before_training(tmp_path, tiny_model_dir, tiny_data):
+    from satlm.config import SATConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(RunConfigError, match=r"seq_len=256 exceeds the model's context of 128"):
+        run_train(_config(tiny_model_dir, tiny_data, out, seq_len=256), quiet=True)
+    with pytest.raises(SATConfigError, match=r"sat.layers=\[7\]: layer 7 does not exist"):
+        run_train(_config(tiny_model_dir, tiny_data, out, **{"sat.layers": [7]}), quiet=True)
+    with pytest.raises(RunConfigError, match="exceeds the model's context"):
+        run_compare(_config(tiny_model_dir, tiny_data, out, seq_len=256), quiet=True)
+    assert not out.exists()  # nothing written, no run started

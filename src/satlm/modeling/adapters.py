@@ -8,8 +8,10 @@ from typing import Callable
 
 import torch.nn as nn
 
+from ..errors import SATLMError
 
-class UnsupportedModelError(TypeError):
+
+class UnsupportedModelError(SATLMError, TypeError):
     """The model's class has no SAT adapter."""
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..errors import RunConfigError
 from ..run_config import RunConfig
-from .model_io import check_supported, resolve_model_path
+from .model_io import check_run_fits_model, check_supported, resolve_model_path
 from .plots import plot_compare
 from .train import SUMMARY_NAME, checkpoints, run_train
 
@@ -54,7 +54,9 @@ def run_compare(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -
     if (out / COMPARE_JSON).exists() and cfg.resume is False and not cfg.overwrite:
         raise RunConfigError(f"output_dir {out} already holds a comparison; set overwrite=true to replace it "
                              "or resume=true to continue it")
-    check_supported(resolve_model_path(cfg.model))  # before the dense run, not after it
+    model_path = resolve_model_path(cfg.model)
+    check_run_fits_model(cfg, model_path)  # before the dense run, not after it
+    check_supported(model_path)
     summaries = {}
     for mode in MODES:
         sub = mode_config(cfg, mode)

@@ -32,7 +32,7 @@ from .data import build_datasets
 from .evaluate import evaluate_loss
 from .guard import (STAGING_DIR, AtomicCheckpoints, FaultGuard, NothingLeftToTrain, catch_stop_signals,
                     check_output_dir, checkpoint_bytes, checkpoints)
-from .model_io import check_supported, load_model, load_tokenizer, resolve_model_path
+from .model_io import check_run_fits_model, check_supported, load_model, load_tokenizer, resolve_model_path
 from .plots import plot_run
 from .recorder import EVAL_NAME, METRICS_NAME, RunRecorder
 
@@ -185,6 +185,7 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
         print(f"satlm train: {describe(cfg)}" + (f" (resuming from {resume_from})" if resume_from else ""))
     set_seed(cfg.seed)
     model_path = resolve_model_path(cfg.model)
+    check_run_fits_model(cfg, model_path)  # seq_len within the context, sat.layers among the model's layers
     if cfg.sat.enabled:
         check_supported(model_path)
     tokenizer = load_tokenizer(model_path)
