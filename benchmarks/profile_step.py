@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
 
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # the allocator settings of `satlm bench`
+    if os.environ.get("MALLOC_MMAP_MAX_") is None:  # the allocator settings of `satlm bench`
         from satlm.bench.cli import ALLOCATOR_ENV
 
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
