@@ -76,3 +76,8 @@ def test_component_rates_and_other_schedules():
 def test_kept_count():
     assert kept_count(8, 0.5) == 4 and kept_count(8, 0.0) == 8 and kept_count(4, 0.99) == 1
     assert kept_count(5, 0.5) == 3  # round half up
+
+
+def test_steps_without_the_steps_schedule_is_an_error():
+    with pytest.raises(SATConfigError, match=r"steps is set but schedule='ladder' ignores it"):
+        SATConfig(schedule="ladder", steps=[[0.5, 0.5], [1.0, 0.0]])

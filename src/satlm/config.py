@@ -101,6 +101,9 @@ class SATConfig:
         _rate("dense_tail", self.dense_tail)
         if self.schedule == "steps":
             self._validate_steps()
+        elif self.steps is not None:
+            raise SATConfigError(f"SATConfig.steps is set but schedule={self.schedule!r} ignores it; set "
+                                 "schedule='steps' to use the stairs, or remove steps")
         if self.layers is not None:
             self._validate_layers()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
