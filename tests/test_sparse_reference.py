@@ -176,7 +176,7 @@ def masked_step(model, data, kept: dict, unit: str):
 
         def mlp_hook(mod, args, i=i):
             (h,) = args
-            m = torch.zeros(h.shape[-1], dtype=h.dtype)
+            m = torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device)
             m[kept[(i, "mlp")]] = 1
             return (h * m,)
 
@@ -185,7 +185,7 @@ def masked_step(model, data, kept: dict, unit: str):
             oh = o.view(*o.shape[:2], n_h, -1)
             units = kept[(i, "attn")]
             heads = [g * (n_h // n_kv) + j for g in units for j in range(n_h // n_kv)] if unit == "kv_group" else units
-            m = torch.zeros(n_h, 1, dtype=o.dtype)
+            m = torch.zeros(n_h, 1, dtype=o.dtype, device=o.device)
             m[heads] = 1
             return ((oh * m).reshape(o.shape),)
 
@@ -198,20 +198,28 @@ def masked_step(model, data, kept: dict, unit: str):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def history_step_and_reference(model, data, seed_data, rate: float, unit: str):
+    """(SAT loss, grads, kept) of a history-mode step after one seeding step, and (loss, grads) of the
+    masked dense reference with the same kept sets. Leaves the model unpatched."""
+    satlm.apply_sat(model, satlm.SATConfig(omission_rate=rate, schedule="constant", source="history",
+                                           attn_unit=unit))
+    model(**seed_data).loss.backward()  # the first step observes every unit, to seed the statistics
+    model.zero_grad(set_to_none=True)
+    loss, grads, kept = sat_step_applied(model, data)
+    satlm.remove_sat(model)
+    model.zero_grad(set_to_none=True)
+    ref_loss, ref_grads = masked_step(model, data, kept, unit)
+    return (loss, grads, kept), (ref_loss, ref_grads)
+
+
 @pytest.mark.parametrize("arch,heads,kv,impl,extra", [CASES[0], CASES[3], CASES[4], CASES[5], CASES[6]])
 @pytest.mark.parametrize("unit", ["head", "kv_group"])
 @pytest.mark.parametrize("rate", [0.25, 0.75])
 def test_history_matches_masked_dense_reference(arch, heads, kv, impl, extra, unit, rate):
     """History mode computes only the kept units: the same loss and gradients as masking the rest."""
     model = tiny_model(arch, heads=heads, kv_heads=kv, attn=impl, **extra)
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=rate, schedule="constant", source="history",
-                                           attn_unit=unit))
-    model(**batch(seed=3)).loss.backward()  # the first step observes every unit, to seed the statistics
-    model.zero_grad(set_to_none=True)
-    data = batch()
-    loss, grads, kept = sat_step_applied(model, data)
-    satlm.remove_sat(model)
-    ref_loss, ref_grads = masked_step(model.zero_grad(set_to_none=True) or model, data, kept, unit)
+    (loss, grads, kept), (ref_loss, ref_grads) = history_step_and_reference(model, batch(), batch(seed=3), rate,
+                                                                           unit)
     assert any(len(v) < (heads if c == "attn" and unit == "head" else kv if c == "attn" else 96)
                for (_, c), v in kept.items())
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
