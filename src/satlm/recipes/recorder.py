@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from array import array
 from pathlib import Path
 from typing import Callable
 
@@ -58,7 +59,10 @@ class RunRecorder(TrainerCallback):
         self.excluded = 0.0  # seconds of evaluation and checkpoint writing in this session
         self.t0 = self.mark = 0.0
         self.last = None  # (tokens, train_seconds) at the previous record
-        self.records: list[dict] = []
+        # Only what the summary needs is kept in memory (16 bytes per logged step); the records are on disk.
+        self.last_record: dict | None = None
+        self._losses = array("d")  # finite logged training losses
+        self._rates = array("d")  # logged tokens/s
         self.evals: list[dict] = []
 
     # -- clocks ----------------------------------------------------------------------------------------
@@ -73,14 +77,17 @@ class RunRecorder(TrainerCallback):
         self.main = state.is_world_process_zero
         step = state.global_step
         # On resume, drop what an interrupted session logged after its last checkpoint.
-        self.records = [r for r in read_jsonl_records(self.out_dir / METRICS_NAME) if r["step"] <= step]
+        records = [r for r in read_jsonl_records(self.out_dir / METRICS_NAME) if r["step"] <= step]
         self.evals = [r for r in read_jsonl_records(self.out_dir / EVAL_NAME) if r["step"] <= step]
-        if self.records:
-            self.elapsed_offset = self.records[-1]["elapsed_seconds"]
-            self.train_offset = self.records[-1]["train_seconds"]
+        self.last_record, self._losses, self._rates = None, array("d"), array("d")
+        for r in records:
+            self._keep(r)
+        if self.last_record:
+            self.elapsed_offset = self.last_record["elapsed_seconds"]
+            self.train_offset = self.last_record["train_seconds"]
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            _rewrite(self.out_dir / METRICS_NAME, self.records)
+            _rewrite(self.out_dir / METRICS_NAME, records)
             _rewrite(self.out_dir / EVAL_NAME, self.evals)
             if self.tensorboard:
                 try:
@@ -128,7 +135,7 @@ class RunRecorder(TrainerCallback):
             "tokens": tokens,
             "grad_norm": logs.get("grad_norm"),
         }
-        self.records.append(record)
+        self._keep(record)
         if not self.main:
             return
         with open(self.out_dir / METRICS_NAME, "a") as f:
@@ -179,9 +186,16 @@ class RunRecorder(TrainerCallback):
             self.writer = None
 
     # -- summary ---------------------------------------------------------------------------------------
+    def _keep(self, record: dict) -> None:
+        self.last_record = record
+        if record.get("loss") is not None and math.isfinite(record["loss"]):
+            self._losses.append(record["loss"])
+        if record.get("tokens_per_second"):
+            self._rates.append(record["tokens_per_second"])
+
     def median_tokens_per_second(self) -> float | None:
         """Median over the logged intervals: robust to a stretch slowed by another process on the machine."""
-        rates = sorted(r["tokens_per_second"] for r in self.records if r.get("tokens_per_second"))
+        rates = sorted(self._rates)
         if not rates:
             return None
         mid = len(rates) // 2
@@ -189,7 +203,7 @@ class RunRecorder(TrainerCallback):
 
     def train_loss(self) -> float | None:
         """Mean logged training loss over the last 10% of the logged steps (a less noisy "final" loss)."""
-        losses = [r["loss"] for r in self.records if r.get("loss") is not None and math.isfinite(r["loss"])]
+        losses = self._losses
         if not losses:
             return None
         tail = losses[-max(1, len(losses) // 10):]

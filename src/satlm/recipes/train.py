@@ -229,17 +229,18 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
         final = recorder.run_eval(state) if completed else (recorder.evals[-1] if recorder.evals else {})
 
         # save
+        last = recorder.last_record
         summary = {
             "steps": state.global_step,
             "tokens": state.num_input_tokens_seen,
-            "wall_seconds": recorder.records[-1]["elapsed_seconds"] if recorder.records else 0.0,
-            "tokens_per_second": (state.num_input_tokens_seen / recorder.records[-1]["train_seconds"]
-                                  if recorder.records and recorder.records[-1]["train_seconds"] > 0 else None),
+            "wall_seconds": last["elapsed_seconds"] if last else 0.0,
+            "tokens_per_second": (state.num_input_tokens_seen / last["train_seconds"]
+                                  if last and last["train_seconds"] > 0 else None),
             "tokens_per_second_median": recorder.median_tokens_per_second(),
             "train_loss": recorder.train_loss(),
             "eval_loss": final.get("eval_loss"),
             "eval_perplexity": final.get("eval_perplexity"),
-            "train_seconds": recorder.records[-1]["train_seconds"] if recorder.records else 0.0,
+            "train_seconds": last["train_seconds"] if last else 0.0,
             "eval_tokens": final.get("eval_tokens"),
             "completed": completed,
             "skipped_steps": guard.skipped,
