@@ -22,35 +22,26 @@ def keep(n: int, rate: float) -> int:
     return max(1, math.floor((1 - rate) * n + 0.5))
 
 
-def reference_step(model, data, rate: float, unit: str):
-    """Loss, grads and kept sets of the masked dense reference."""
-    token_mask = data["attention_mask"].to(torch.float64)
-    kept: dict = {}
+def _masked_run(model, data, unit: str, choose):
+    """Loss and grads of the plain model with the outputs of the units `choose` leaves out zeroed just
+    before the down and output projections. choose(layer, "mlp", h (B, T, f)) -> kept channels;
+    choose(layer, "attn", o (B, T, H, hd)) -> kept heads, or kept KV groups for unit=kv_group."""
     hooks = []
     for i, layer in enumerate(model.model.layers):
         cfg = layer.self_attn.config
+        n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
 
         def mlp_hook(mod, args, i=i):
             (h,) = args  # (B, T, f)
-            score = ((h.detach().double() ** 2) * token_mask[..., None]).sum((0, 1)).sqrt()
-            idx = score.topk(keep(h.shape[-1], rate)).indices
             m = torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device)
-            m[idx] = 1
-            kept[(i, "mlp")] = sorted(idx.tolist())
+            m[choose(i, "mlp", h)] = 1
             return (h * m,)
 
-        def attn_hook(mod, args, i=i, cfg=cfg):
+        def attn_hook(mod, args, i=i, n_h=n_h, n_kv=n_kv):
             (o,) = args  # (B, T, H*hd)
-            n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
             oh = o.view(*o.shape[:2], n_h, -1)
-            score = ((oh.detach().double() ** 2) * token_mask[..., None, None]).sum((0, 1, 3)).sqrt()
-            if unit == "kv_group":
-                groups = score.view(n_kv, -1).sum(1).topk(keep(n_kv, rate)).indices.tolist()
-                heads = [g * (n_h // n_kv) + j for g in groups for j in range(n_h // n_kv)]
-                kept[(i, "attn")] = sorted(groups)
-            else:
-                heads = score.topk(keep(n_h, rate)).indices.tolist()
-                kept[(i, "attn")] = sorted(heads)
+            units = choose(i, "attn", oh)
+            heads = [g * (n_h // n_kv) + j for g in units for j in range(n_h // n_kv)] if unit == "kv_group" else units
             m = torch.zeros(n_h, 1, dtype=o.dtype, device=o.device)
             m[heads] = 1
             return ((oh * m).reshape(o.shape),)
@@ -61,7 +52,29 @@ def reference_step(model, data, rate: float, unit: str):
     loss.backward()
     for h in hooks:
         h.remove()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, kept
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def reference_step(model, data, rate: float, unit: str):
+    """Loss, grads and kept sets of the masked dense reference (top-k by L2 over non-padding tokens)."""
+    token_mask = data["attention_mask"].to(torch.float64)
+    kept: dict = {}
+
+    def choose(i, comp, a):
+        if comp == "mlp":  # a: (B, T, f)
+            score = ((a.detach().double() ** 2) * token_mask[..., None]).sum((0, 1)).sqrt()
+            units = score.topk(keep(a.shape[-1], rate)).indices.tolist()
+        else:  # a: (B, T, H, hd)
+            score = ((a.detach().double() ** 2) * token_mask[..., None, None]).sum((0, 1, 3)).sqrt()
+            if unit == "kv_group":
+                n_kv = model.model.layers[i].self_attn.config.num_key_value_heads
+                score = score.view(n_kv, -1).sum(1)
+            units = score.topk(keep(score.shape[0], rate)).indices.tolist()
+        kept[(i, comp)] = sorted(units)
+        return units
+
+    loss, grads = _masked_run(model, data, unit, choose)
+    return loss, grads, kept
 
 
 def sat_step(model, data, config):
@@ -169,33 +182,7 @@ def test_dense_tail_of_ladder_is_bit_identical():
 
 def masked_step(model, data, kept: dict, unit: str):
     """Loss and grads of the plain model with the outputs of units outside `kept` zeroed before down/o."""
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        cfg = layer.self_attn.config
-        n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-
-        def mlp_hook(mod, args, i=i):
-            (h,) = args
-            m = torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device)
-            m[kept[(i, "mlp")]] = 1
-            return (h * m,)
-
-        def attn_hook(mod, args, i=i, n_h=n_h, n_kv=n_kv):
-            (o,) = args
-            oh = o.view(*o.shape[:2], n_h, -1)
-            units = kept[(i, "attn")]
-            heads = [g * (n_h // n_kv) + j for g in units for j in range(n_h // n_kv)] if unit == "kv_group" else units
-            m = torch.zeros(n_h, 1, dtype=o.dtype, device=o.device)
-            m[heads] = 1
-            return ((oh * m).reshape(o.shape),)
-
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook))
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(attn_hook))
-    loss = model(**data).loss
-    loss.backward()
-    for h in hooks:
-        h.remove()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return _masked_run(model, data, unit, lambda i, comp, a: kept[(i, comp)])
 
 
 def history_step_and_reference(model, data, seed_data, rate: float, unit: str):

@@ -2,11 +2,10 @@
 
 `row_linears` computes (or, in paper mode, receives already computed) F.linear(x, W[idx], b[idx]) for one
 or more projections that share their input x: q/k/v, or gate/up. `col_linear` is F.linear(h, W[:, idx], b)
-for the down and output projections. `swiglu_mlp` is a whole SiLU-gated MLP over kept channels in one
-function: it saves only x and the kept gate/up outputs, and recomputes the activation in the backward. Both save only their input, the parameters themselves and the index
-vectors: the weight slices are taken again in the backward, and the gradients of the kept rows or columns
-are written into a zero gradient of the full parameter with `index_copy_`.
-"""
+for the down and output projections. `swiglu_mlp` is a whole SiLU-gated MLP over kept channels, which saves
+only x and the kept gate/up outputs and recomputes the activation in the backward. None of them saves a
+slice of a weight: the kept rows or columns are taken again in the backward, and their gradients are
+written into a zero gradient of the full parameter with `index_copy_`."""
 
 from __future__ import annotations
 
@@ -14,8 +13,15 @@ import torch
 import torch.nn.functional as F
 
 
-def _kept_rows(weights, idxs, dtype):
-    return torch.cat([w.index_select(0, i).to(dtype) for w, i in zip(weights, idxs)])
+def _kept_rows(weights, idxs, dtype=None) -> torch.Tensor:
+    """[W_0[idx_0]; W_1[idx_1]; ...] gathered straight into one buffer (one copy, no cat)."""
+    out = torch.empty(sum(i.shape[0] for i in idxs), weights[0].shape[1], dtype=weights[0].dtype,
+                      device=weights[0].device)
+    start = 0
+    for w, i in zip(weights, idxs):
+        torch.index_select(w, 0, i, out=out[start:start + i.shape[0]])
+        start += i.shape[0]
+    return out if dtype is None else out.to(dtype)
 
 
 class _RowLinears(torch.autograd.Function):
@@ -26,7 +32,7 @@ class _RowLinears(torch.autograd.Function):
         ctx.n = n
         ctx.biases = [(b.shape, b.dtype) if b is not None else None for b in biases]
         if compute:  # history mode: one GEMM over the stacked kept rows (autocast applies here as usual)
-            w = torch.cat([wt.index_select(0, i) for wt, i in zip(weights, idxs)])
+            w = _kept_rows(weights, idxs)
             b = None
             if any(bi is not None for bi in biases):
                 b = torch.cat([bi.index_select(0, i) if bi is not None else w.new_zeros(i.shape[0])
@@ -108,30 +114,22 @@ def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + offsets).reshape(-1)
 
 
-def _kept_rows_into(weights, idx, dtype=None) -> torch.Tensor:
-    """[W_0[idx]; W_1[idx]; ...] gathered straight into one buffer (one copy, no cat)."""
-    k = idx.shape[0]
-    out = torch.empty(k * len(weights), weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
-    for j, w in enumerate(weights):
-        torch.index_select(w, 0, idx, out=out[j * k:(j + 1) * k])
-    return out if dtype is None else out.to(dtype)
-
-
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, idx, gu, wg, wu, wd, bg, bu, bd):
+    def forward(ctx, x, idx, g, u, wg, wu, wd, bg, bu, bd):
         k = idx.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
-        if gu is None:  # history mode: one GEMM over the kept gate and up rows
+        if g is None:  # history mode: one GEMM over the kept gate and up rows
             b = None
             if bg is not None or bu is not None:
                 b = torch.cat([bi.index_select(0, idx) if bi is not None else wg.new_zeros(k) for bi in (bg, bu)])
-            gu = F.linear(x2, _kept_rows_into([wg, wu], idx), b)  # (N, 2k): 4 N d k FLOPs
+            gu = F.linear(x2, _kept_rows([wg, wu], [idx, idx]), b)  # (N, 2k): 4 N d k FLOPs
+            g, u = gu[:, :k], gu[:, k:]
         else:  # paper mode: computed without autograd while scoring
-            gu = gu.detach().reshape(x2.shape[0], 2 * k)
-        h = F.silu(gu[:, :k]).mul_(gu[:, k:])  # (N, k)
+            g, u = g.detach().reshape(-1, k), u.detach().reshape(-1, k)
+        h = F.silu(g).mul_(u)  # (N, k)
         y = F.linear(h, wd.index_select(1, idx), bd)  # 2 N d k FLOPs
-        ctx.save_for_backward(x, gu, wg, wu, wd, idx)
+        ctx.save_for_backward(x, g, u, wg, wu, wd, idx)
         ctx.biases = tuple((b.shape, b.dtype) if b is not None else None for b in (bg, bu, bd))
         ctx.mark_non_differentiable(h)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for h, which is not differentiable
@@ -140,28 +138,27 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dh_unused):
         if dy is None:  # the output was not used (grads are not materialized)
-            return (None,) * 9
-        x, gu, wg, wu, wd, idx = ctx.saved_tensors
+            return (None,) * 10
+        x, g, u, wg, wu, wd, idx = ctx.saved_tensors
         k = idx.shape[0]
         dtype = dy.dtype
         x2, dy2 = x.reshape(-1, x.shape[-1]).to(dtype), dy.reshape(-1, dy.shape[-1])
-        gu = gu.to(dtype)
-        g, u = gu[:, :k], gu[:, k:]
+        g, u = g.to(dtype), u.to(dtype)
         a = F.silu(g)  # recomputed: nothing of the activation was saved
         dh = dy2 @ wd.index_select(1, idx).to(dtype)  # (N, k): 2 N d k FLOPs
         need = ctx.needs_input_grad
         grad_wd = grad_bd = grad_wg = grad_wu = grad_bg = grad_bu = grad_x = None
-        if need[5]:
+        if need[6]:
             part = dy2.t() @ (a * u).to(dtype)  # (d, k): 2 N d k FLOPs
             grad_wd = torch.zeros_like(wd).index_copy_(1, idx, part.to(wd.dtype))
-        if ctx.biases[2] is not None and need[8]:
+        if ctx.biases[2] is not None and need[9]:
             grad_bd = dy2.sum(0).to(ctx.biases[2][1])
-        dgu = torch.empty_like(gu)  # d(gate), d(up) side by side, so that one GEMM serves both
+        dgu = dh.new_empty(dh.shape[0], 2 * k)  # d(gate), d(up) side by side, so that one GEMM serves both
         torch.mul(dh, a, out=dgu[:, k:])
         torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=dgu[:, :k])
         if need[0]:
-            grad_x = (dgu @ _kept_rows_into([wg, wu], idx, dtype)).reshape(x.shape).to(x.dtype)  # 4 N d k
-        if need[3] or need[4]:
+            grad_x = (dgu @ _kept_rows([wg, wu], [idx, idx], dtype)).reshape(x.shape).to(x.dtype)  # 4 N d k
+        if need[4] or need[5]:
             gw = dgu.t() @ x2  # (2k, d): 4 N d k FLOPs
             grad_wg = torch.zeros_like(wg).index_copy_(0, idx, gw[:k].to(wg.dtype))
             grad_wu = torch.zeros_like(wu).index_copy_(0, idx, gw[k:].to(wu.dtype))
@@ -170,14 +167,14 @@ class _SwiGLU(torch.autograd.Function):
             grads_b.append(None if spec is None else
                            part.new_zeros(spec[0], dtype=spec[1]).index_copy_(0, idx, part.sum(0).to(spec[1])))
         grad_bg, grad_bu = grads_b
-        return grad_x, None, None, grad_wg, grad_wu, grad_wd, grad_bg, grad_bu, grad_bd
+        return grad_x, None, None, None, grad_wg, grad_wu, grad_wd, grad_bg, grad_bu, grad_bd
 
 
-def swiglu_mlp(x, idx, gate, up, down, gu=None) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_mlp(x, idx, gate, up, down, g=None, u=None) -> tuple[torch.Tensor, torch.Tensor]:
     """down(silu(gate(x)) * up(x)) over the kept channels idx, and the kept activations H (no gradient).
 
-    x: (..., d); gate/up/down: nn.Linear; idx: (k,) kept channels, ascending; gu: (..., 2k) the kept gate
-    and up outputs side by side when already computed (paper mode), else None. Saves x and the (N, 2k)
-    gate/up outputs only: the activation is recomputed in the backward.
+    x: (..., d); gate/up/down: nn.Linear; idx: (k,) kept channels, ascending; g, u: (..., k) the kept gate
+    and up outputs when already computed (paper mode), else None. Saves x and the kept gate/up outputs only:
+    the activation is recomputed in the backward.
     """
-    return _SwiGLU.apply(x, idx, gu, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
+    return _SwiGLU.apply(x, idx, g, u, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)

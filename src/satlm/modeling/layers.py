@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import SATConfig
 from ..core.importance import group_scores, head_scores, mlp_scores
@@ -212,12 +211,7 @@ class SATMLP(_SATModule):
             return y
 
         with torch.no_grad():
-            f = self.sat_n_units
-            if fused:  # [G | U] in one GEMM, so that one gather takes the kept channels of both
-                gu_all = _stacked_linear(x, gate, up)  # (B, T, 2f)
-                g_all, u_all = gu_all[..., :f], gu_all[..., f:]
-            else:
-                g_all, u_all = gate(x), up(x)  # (B, T, f): every channel, to score them
+            g_all, u_all = gate(x), up(x)  # (B, T, f): every channel, to score them
             idx = self._cached(k)
             if idx is None:
                 scores = None
@@ -226,24 +220,12 @@ class SATMLP(_SATModule):
                     scores = mlp_scores(h_all.mul_(u_all), mask, metric, down.weight, scratch=True)
                     del h_all
                 idx = self._choose(k, scores, x.device)
-            if fused:  # rows [G | U] viewed as (2N, f): the kept columns are [G_k | U_k], (B, T, 2k)
-                gu = gu_all.reshape(-1, f).index_select(1, idx).reshape(*x.shape[:-1], 2 * k)
-                del gu_all
-            else:
-                g_k, u_k = _select_last(g_all, idx), _select_last(u_all, idx)  # (B, T, k)
+            g_k, u_k = _select_last(g_all, idx), _select_last(u_all, idx)  # (B, T, k)
             del g_all, u_all
         if fused:
-            return swiglu_mlp(x, idx, gate, up, down, gu)[0]
+            return swiglu_mlp(x, idx, gate, up, down, g_k, u_k)[0]
         g, u = _kept_linears(x, [gate, up], [idx, idx], [g_k, u_k])
         return col_linear(act(g) * u, down.weight, idx, down.bias)
-
-
-def _stacked_linear(x: torch.Tensor, a: nn.Linear, b: nn.Linear) -> torch.Tensor:
-    """[a(x) | b(x)] from one GEMM over the stacked weights."""
-    bias = None
-    if a.bias is not None or b.bias is not None:
-        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in (a, b)])
-    return F.linear(x, torch.cat([a.weight, b.weight]), bias)
 
 
 def _select_last(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

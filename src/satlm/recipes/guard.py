@@ -62,6 +62,12 @@ def _size(n: float) -> str:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
+def checkpoint_step(name: str) -> int | None:
+    """N for a folder name checkpoint-N, else None."""
+    step = name[len(CHECKPOINT_PREFIX):]
+    return int(step) if name.startswith(CHECKPOINT_PREFIX) and step.isdigit() else None
+
+
 def checkpoints(out_dir: Path, sat: bool = False) -> list[Path]:
     """checkpoint-N folders of a run, oldest first. Each holds trainer_state.json (and sat_state.pt when
     `sat`); the ones written through AtomicCheckpoints are whole by construction, these two files keep
@@ -71,10 +77,10 @@ def checkpoints(out_dir: Path, sat: bool = False) -> list[Path]:
     found = []
     if out_dir.is_dir():
         for p in out_dir.iterdir():
-            step = p.name[len(CHECKPOINT_PREFIX):]
-            if p.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and p.is_dir() and (
-                    p / "trainer_state.json").is_file() and (not sat or (p / SAT_STATE_NAME).is_file()):
-                found.append((int(step), p))
+            step = checkpoint_step(p.name)
+            if step is not None and p.is_dir() and (p / "trainer_state.json").is_file() and (
+                    not sat or (p / SAT_STATE_NAME).is_file()):
+                found.append((step, p))
     return [p for _, p in sorted(found)]
 
 

@@ -31,7 +31,7 @@ from ..run_config import RunConfig
 from .data import build_datasets
 from .evaluate import evaluate_loss
 from .guard import (STAGING_DIR, AtomicCheckpoints, FaultGuard, NothingLeftToTrain, catch_stop_signals,
-                    check_output_dir, checkpoint_bytes, checkpoints)
+                    check_output_dir, checkpoint_bytes, checkpoint_step, checkpoints)
 from .model_io import check_run_fits_model, check_supported, load_model, load_tokenizer, resolve_model_path
 from .plots import plot_run
 from .recorder import EVAL_NAME, METRICS_NAME, RunRecorder
@@ -41,10 +41,6 @@ RUN_FILES = (CONFIG_NAME, METRICS_NAME, EVAL_NAME, SUMMARY_NAME, FINAL_DIR, "plo
 
 
 # -- output directory ------------------------------------------------------------------------------------
-def _is_checkpoint_name(name: str) -> bool:
-    return name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit()
-
-
 def plan_output_dir(cfg: RunConfig) -> tuple[str | None, list[Path]]:
     """(checkpoint to resume from or None, files of a previous run to remove); raises before anything changes."""
     out = Path(cfg.output_dir)
@@ -63,7 +59,7 @@ def plan_output_dir(cfg: RunConfig) -> tuple[str | None, list[Path]]:
     if out.exists() and not out.is_dir():
         raise RunConfigError(f"output_dir {out} is a file")
     previous = [out / name for name in RUN_FILES if (out / name).exists()]
-    previous += [p for p in (out.iterdir() if out.is_dir() else []) if _is_checkpoint_name(p.name)]
+    previous += [p for p in (out.iterdir() if out.is_dir() else []) if checkpoint_step(p.name) is not None]
     if previous and not cfg.overwrite:
         raise RunConfigError(f"output_dir {out} already holds a run; set resume=true to continue it "
                              "or overwrite=true to replace it")
