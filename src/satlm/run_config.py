@@ -342,14 +342,15 @@ def _warn_unreached_stairs(sat: SATConfig, max_steps: int) -> None:
     long config works."""
     from .schedules import unreached_stairs
 
-    missed = unreached_stairs(sat, max_steps)
+    shown = 20
+    missed = unreached_stairs(sat, max_steps, limit=shown + 1)
     if not missed:
         return
     if sat.schedule == "ladder":
         what, n, fix = f"sat.rungs={sat.rungs}", sat.rungs, "lower sat.rungs or raise max_steps"
     else:
         what, n, fix = "sat.steps", len(sat.steps), "widen those stairs or raise max_steps"
-    stairs = ", ".join(str(i + 1) for i in missed)
+    stairs = ", ".join(str(i + 1) for i in missed[:shown]) + (", ..." if len(missed) > shown else "")
     warnings.warn(f"{what} with max_steps={max_steps}: stair(s) {stairs} of {n} get no step and are skipped; {fix}",
                   UserWarning, stacklevel=3)
 

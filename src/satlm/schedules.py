@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import math
 
 from .config import SATConfig
@@ -49,9 +51,10 @@ def stair_index(config: SATConfig, step: int, total_steps: int) -> int | None:
     return None
 
 
-def unreached_stairs(config: SATConfig, total_steps: int) -> list[int]:
+def unreached_stairs(config: SATConfig, total_steps: int, limit: int | None = None) -> list[int]:
     """Ladder rungs or `steps` stairs (0-based) that no step of 0..total_steps-1 runs: stairs shorter than one
-    step. Empty for constant and linear schedules."""
+    step; the first `limit` of them when given (rungs may be any integer, so the list may be huge). Empty for
+    constant and linear schedules."""
     if config.schedule not in ("ladder", "steps") or total_steps <= 0:
         return []
     n_stairs = config.rungs if config.schedule == "ladder" else len(config.steps)
@@ -60,7 +63,7 @@ def unreached_stairs(config: SATConfig, total_steps: int) -> list[int]:
     if total_steps > 100_000:  # stairs narrower than 1e-5 of training; not worth the loop
         return []
     reached = {stair_index(config, t, total_steps) for t in range(total_steps)}
-    return [i for i in range(n_stairs) if i not in reached]
+    return list(itertools.islice((i for i in range(n_stairs) if i not in reached), limit))
 
 
 def scheduled_rates(config: SATConfig, step: int, total_steps: int | None) -> tuple[float, float]:
