@@ -359,6 +359,13 @@ def test_a_ladder_with_more_rungs_than_steps_warns_and_still_descends():
         load_run_config(None, ["max_steps=40", "sat.rungs=8"])
 
 
+def test_a_ladder_with_astronomically_many_rungs_warns_without_listing_them_all():
+    """An override like sat.rungs=1.0e+300 is an integer rung count: the warning names the first stairs only
+    (listing every one exhausted memory)."""
+    with pytest.warns(UserWarning, match=r"stair\(s\) 2, 3, .*, 21, \.\.\. of 1000000000000000052504"):
+        load_run_config(None, ["max_steps=3", "sat.rungs=1.0e+300"])
+
+
 def test_steps_stairs_narrower_than_a_step_warn():
     with pytest.warns(UserWarning, match=r"sat.steps with max_steps=10: stair\(s\) 2 of 3 get no step"):
         load_run_config(None, ["max_steps=10", "sat.schedule=steps", "sat.steps=[[0.05, 0.5], [0.1, 0.4], [1, 0.2]]"])
