@@ -66,6 +66,27 @@ def build_model(shape: Shape, model_path: str | None, dtype: torch.dtype, device
     return model.to(device).train()
 
 
+_CPU_FLASH_OPS = tuple(getattr(torch.ops.aten, name, None) for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"))
+_CPU_FLASH_OPS = _CPU_FLASH_OPS if all(op is not None for op in _CPU_FLASH_OPS) else ()
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts PyTorch's CPU flash SDPA kernels, with the formulas PyTorch gives its
+    other SDPA kernels: forward Q K^T and P V over every (query, key) pair; backward five such matmuls (it
+    recomputes the scores)."""
+    from torch.utils import flop_counter as fc
+
+    def forward(q, k, v, *args, out_shape=None, **kwargs) -> int:  # shapes, as FlopCounterMode passes them
+        return fc.sdpa_flop_count(q, k, v)
+
+    def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out, q, k, v)
+
+    mapping = {_CPU_FLASH_OPS[0]: forward, _CPU_FLASH_OPS[1]: backward} if _CPU_FLASH_OPS else {}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -146,11 +167,12 @@ class Bench:
         return time.perf_counter() - t0
 
     def count_flops(self) -> int:
-        """FLOPs of forward + backward (the optimizer has no matmuls). On CPU the attention core is counted
-        through eager attention, since FlopCounterMode does not count PyTorch's CPU flash kernel."""
+        """FLOPs of forward + backward (the optimizer has no matmuls), counted as the step runs them: the
+        attention core with PyTorch's SDPA formulas (`flop_counter`), or where a kernel has no formula (the CPU
+        flash kernel on a PyTorch without it) through eager attention."""
         cfg = self.model.config
         impl = cfg._attn_implementation
-        swap = self.device == "cpu" and impl == "sdpa"
+        swap = self.device == "cpu" and impl == "sdpa" and not _CPU_FLASH_OPS
         if swap:
             cfg._attn_implementation = "eager"
             saved_mask = getattr(self, "mask", None)
@@ -158,7 +180,7 @@ class Bench:
                 seq = self.x.shape[1]
                 self.mask = torch.full((seq, seq), float("-inf")).triu(1).to(self.x.dtype)[None, None]
         try:
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 self.forward_backward()
         finally:
             if swap:

@@ -80,12 +80,32 @@ def row_linears(x, weights, idxs, biases, outs=None) -> tuple[torch.Tensor, ...]
     return _RowLinears.apply(x, n, outs[0] is None, *weights, *idxs, *biases, *outs)
 
 
+def _kept_cols(weight: torch.Tensor, idx: torch.Tensor, block: int) -> torch.Tensor:
+    """weight[:, kept columns]: idx are column indices (block 1) or indices of blocks of `block` adjacent
+    columns (whole heads), which are copied a block at a time."""
+    if block == 1:
+        return weight.index_select(1, idx)
+    out_features = weight.shape[0]
+    return weight.view(out_features, -1, block).index_select(1, idx).view(out_features, -1)
+
+
+def _scatter_cols(weight: torch.Tensor, idx: torch.Tensor, block: int, part: torch.Tensor) -> torch.Tensor:
+    """A zero tensor shaped like weight, with `part` in the kept columns (the inverse of _kept_cols)."""
+    full = torch.zeros_like(weight)
+    if block == 1:
+        return full.index_copy_(1, idx, part)
+    out_features = weight.shape[0]
+    full.view(out_features, -1, block).index_copy_(1, idx, part.view(out_features, -1, block))
+    return full
+
+
 class _ColLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, idx, bias):
+    def forward(ctx, h, weight, idx, bias, block):
         ctx.save_for_backward(h, weight, idx)
         ctx.bias = (bias.shape, bias.dtype) if bias is not None else None
-        return F.linear(h, weight.index_select(1, idx), bias)
+        ctx.block = block
+        return F.linear(h, _kept_cols(weight, idx, block), bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -93,19 +113,21 @@ class _ColLinear(torch.autograd.Function):
         dtype = grad.dtype
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_h = (grad @ weight.index_select(1, idx).to(dtype)).to(h.dtype)  # 2N d k FLOPs
+            grad_h = (grad @ _kept_cols(weight, idx, ctx.block).to(dtype)).to(h.dtype)  # 2N d k FLOPs
         g2 = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             part = g2.t() @ h.reshape(-1, h.shape[-1]).to(dtype)  # (d, k): 2N d k FLOPs
-            grad_w = torch.zeros_like(weight).index_copy_(1, idx, part.to(weight.dtype))
+            grad_w = _scatter_cols(weight, idx, ctx.block, part.to(weight.dtype))
         if ctx.bias is not None and ctx.needs_input_grad[3]:
             grad_b = g2.sum(0).to(ctx.bias[1])
-        return grad_h, grad_w, None, grad_b
+        return grad_h, grad_w, None, grad_b, None
 
 
-def col_linear(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None):
-    """F.linear(h, weight[:, idx], bias) with a kept-columns-only backward. h: (..., k); weight: (out, in)."""
-    return _ColLinear.apply(h, weight, idx, bias)
+def col_linear(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None,
+               block: int = 1):
+    """F.linear(h, weight[:, cols], bias) with a kept-columns-only backward. h: (..., k); weight: (out, in);
+    cols = idx (block 1), or the blocks idx of `block` adjacent columns (block = head_dim: whole heads)."""
+    return _ColLinear.apply(h, weight, idx, bias, block)
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -128,7 +150,7 @@ class _SwiGLU(torch.autograd.Function):
         else:  # paper mode: computed without autograd while scoring
             g, u = g.detach().reshape(-1, k), u.detach().reshape(-1, k)
         h = F.silu(g).mul_(u)  # (N, k)
-        y = F.linear(h, wd.index_select(1, idx), bd)  # 2 N d k FLOPs
+        y = F.linear(h, _kept_cols(wd, idx, 1), bd)  # 2 N d k FLOPs
         ctx.save_for_backward(x, g, u, wg, wu, wd, idx)
         ctx.biases = tuple((b.shape, b.dtype) if b is not None else None for b in (bg, bu, bd))
         ctx.mark_non_differentiable(h)
@@ -145,12 +167,12 @@ class _SwiGLU(torch.autograd.Function):
         x2, dy2 = x.reshape(-1, x.shape[-1]).to(dtype), dy.reshape(-1, dy.shape[-1])
         g, u = g.to(dtype), u.to(dtype)
         a = F.silu(g)  # recomputed: nothing of the activation was saved
-        dh = dy2 @ wd.index_select(1, idx).to(dtype)  # (N, k): 2 N d k FLOPs
+        dh = dy2 @ _kept_cols(wd, idx, 1).to(dtype)  # (N, k): 2 N d k FLOPs
         need = ctx.needs_input_grad
         grad_wd = grad_bd = grad_wg = grad_wu = grad_bg = grad_bu = grad_x = None
         if need[6]:
             part = dy2.t() @ (a * u).to(dtype)  # (d, k): 2 N d k FLOPs
-            grad_wd = torch.zeros_like(wd).index_copy_(1, idx, part.to(wd.dtype))
+            grad_wd = _scatter_cols(wd, idx, 1, part.to(wd.dtype))
         if ctx.biases[2] is not None and need[9]:
             grad_bd = dy2.sum(0).to(ctx.biases[2][1])
         dgu = dh.new_empty(dh.shape[0], 2 * k)  # d(gate), d(up) side by side, so that one GEMM serves both
@@ -178,3 +200,51 @@ def swiglu_mlp(x, idx, gate, up, down, g=None, u=None) -> tuple[torch.Tensor, to
     the activation is recomputed in the backward.
     """
     return _SwiGLU.apply(x, idx, g, u, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
+
+
+# -- paper mode: the kept heads' attention outputs come from the scoring pass ---------------------------------
+# Paper mode runs attention over every head (without autograd) to score them. On the CPU with SDPA, that pass
+# calls PyTorch's flash kernel directly, which also returns the log-sum-exp of every row; the kept heads'
+# outputs and log-sum-exps are then all the flash backward needs, so their attention is not computed again.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def flash_cpu_available() -> bool:
+    return _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean attention mask (True = attend) as the additive float mask SDPA's CPU kernels take."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def flash_attention_cpu(q, k, v, mask, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's CPU flash forward. q, k, v: (B, H, T, hd), same head count. Returns the output as (B, T, H, hd)
+    (the kernel's memory layout) and the log-sum-exp (B, H, T)."""
+    out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2), lse
+
+
+class _KeptAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, out, lse, mask, is_causal, scale):
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = _FLASH_CPU_BACKWARD(grad.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, 0.0,
+                                         ctx.is_causal, attn_mask=mask, scale=ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def kept_attention(q, k, v, out, lse, mask, is_causal: bool, scale: float) -> torch.Tensor:
+    """Attention of the kept heads whose forward was already computed: returns `out` (B, T, h, hd) attached to
+    the graph; the backward is the flash backward over the kept heads. q, k, v: (B, h, T, hd) as attended
+    (after RoPE, KV repeated per head); lse: (B, h, T)."""
+    return _KeptAttention.apply(q, k, v, out, lse, mask, is_causal, scale)
