@@ -92,8 +92,8 @@ def _kept_cols(weight: torch.Tensor, idx: torch.Tensor, block: int) -> torch.Ten
 def _scatter_cols(weight: torch.Tensor, idx: torch.Tensor, block: int, part: torch.Tensor) -> torch.Tensor:
     """A zero tensor shaped like weight, with `part` in the kept columns (the inverse of _kept_cols)."""
     full = torch.zeros_like(weight)
-    if block == 1:
-        return full.index_copy_(1, idx, part)
+    if block == 1:  # scatter_ along dim 1 is ~2x faster on the CPU than index_copy_ along dim 1
+        return full.scatter_(1, idx.expand(weight.shape[0], -1), part)
     out_features = weight.shape[0]
     full.view(out_features, -1, block).index_copy_(1, idx, part.view(out_features, -1, block))
     return full
@@ -167,7 +167,12 @@ class _SwiGLU(torch.autograd.Function):
         x2, dy2 = x.reshape(-1, x.shape[-1]).to(dtype), dy.reshape(-1, dy.shape[-1])
         g, u = g.to(dtype), u.to(dtype)
         a = F.silu(g)  # recomputed: nothing of the activation was saved
-        dh = dy2 @ _kept_cols(wd, idx, 1).to(dtype)  # (N, k): 2 N d k FLOPs
+        # Elementwise work stays in the layout of g and u: (N, k), or channels first (paper mode: views of (k, N)).
+        channels_first = g.dim() == 2 and g.shape[0] > 1 and g.shape[1] > 1 and g.stride(0) == 1
+        if channels_first:
+            dh = (_kept_cols(wd, idx, 1).t().to(dtype) @ dy2.t()).t()  # (N, k) view of (k, N): 2 N d k FLOPs
+        else:
+            dh = dy2 @ _kept_cols(wd, idx, 1).to(dtype)  # (N, k): 2 N d k FLOPs
         need = ctx.needs_input_grad
         grad_wd = grad_bd = grad_wg = grad_wu = grad_bg = grad_bu = grad_x = None
         if need[6]:
@@ -175,7 +180,8 @@ class _SwiGLU(torch.autograd.Function):
             grad_wd = _scatter_cols(wd, idx, 1, part.to(wd.dtype))
         if ctx.biases[2] is not None and need[9]:
             grad_bd = dy2.sum(0).to(ctx.biases[2][1])
-        dgu = dh.new_empty(dh.shape[0], 2 * k)  # d(gate), d(up) side by side, so that one GEMM serves both
+        # d(gate), d(up) side by side, so that one GEMM serves both
+        dgu = dh.new_empty(2 * k, dh.shape[0]).t() if channels_first else dh.new_empty(dh.shape[0], 2 * k)
         torch.mul(dh, a, out=dgu[:, k:])
         torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=dgu[:, :k])
         if need[0]:

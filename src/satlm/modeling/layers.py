@@ -212,21 +212,40 @@ class SATMLP(_SATModule):
             return y
 
         with torch.no_grad():
-            g_all, u_all = gate(x), up(x)  # (B, T, f): every channel, to score them
+            if fused:  # channels first, (f, N), so that the kept channels are whole rows to copy
+                g_all, u_all = _linear_t(x, gate), _linear_t(x, up)
+            else:
+                g_all, u_all = gate(x), up(x)  # (B, T, f): every channel, to score them
             idx = self._cached(k)
             if idx is None:
                 scores = None
                 if metric != "random":
-                    h_all = act(g_all)
-                    scores = mlp_scores(h_all.mul_(u_all), mask, metric, down.weight, scratch=True)
+                    h_all = act(g_all).mul_(u_all)
+                    if fused:
+                        h_all = h_all.t().reshape(*x.shape[:-1], -1)  # (B, T, f) view
+                    scores = mlp_scores(h_all, mask, metric, down.weight, scratch=True)
                     del h_all
                 idx = self._choose(k, scores, x.device)
-            g_k, u_k = _select_last(g_all, idx), _select_last(u_all, idx)  # (B, T, k)
+            if fused:  # (N, k) views of (k, N)
+                g_k, u_k = g_all.index_select(0, idx).t(), u_all.index_select(0, idx).t()
+            else:
+                g_k, u_k = _select_last(g_all, idx), _select_last(u_all, idx)  # (B, T, k)
             del g_all, u_all
         if fused:
             return swiglu_mlp(x, idx, gate, up, down, g_k, u_k)[0]
         g, u = _kept_linears(x, [gate, up], [idx, idx], [g_k, u_k])
         return col_linear(act(g) * u, down.weight, idx, down.bias)
+
+
+def _linear_t(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """linear(x) transposed and contiguous: (out_features, N) for x (..., in_features). The GEMM costs the same
+    either way round; a kept subset of output features is then a row gather (~6x faster on the CPU than the
+    same columns of (N, out_features))."""
+    x2 = x.reshape(-1, x.shape[-1])
+    w = linear.weight
+    if linear.bias is None:
+        return torch.mm(w, x2.t())
+    return torch.addmm(linear.bias[:, None], w, x2.t())
 
 
 def _select_last(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
