@@ -254,3 +254,53 @@ def kept_attention(q, k, v, out, lse, mask, is_causal: bool, scale: float) -> to
     the graph; the backward is the flash backward over the kept heads. q, k, v: (B, h, T, hd) as attended
     (after RoPE, KV repeated per head); lse: (B, h, T)."""
     return _KeptAttention.apply(q, k, v, out, lse, mask, is_causal, scale)
+
+
+# -- rotary position embedding of the kept heads ------------------------------------------------------------
+class _Rope(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1], in three kernels each way (one full,
+    two half-width multiply-adds) instead of the slices, negation, concatenation, products and sum of the
+    textbook form and their autograd nodes."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        half = x.shape[-1] // 2
+        out = x * cos
+        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        gx = grad * cos
+        gx[..., :half].addcmul_(grad[..., half:], sin[..., half:])
+        gx[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
+        return gx, None, None
+
+
+def rope(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """Rotary embedding of q and k, as Llama's apply_rotary_pos_emb computes it. q, k: (B, heads, T, hd);
+    cos, sin: (B, T, hd)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return _Rope.apply(q, cos, sin), _Rope.apply(k, cos, sin)
+
+
+def same_rope(fn, head_dim: int) -> bool:
+    """Does the model's rotary function `fn(q, k, cos, sin)` compute what `rope` does? (Checked on random
+    inputs, forward and backward; architectures with partial or interleaved rotary keep their own.)"""
+    if fn is None or head_dim % 2:
+        return False
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 5, head_dim, generator=g, dtype=torch.float64, requires_grad=True) for _ in "qk")
+    cos, sin = (torch.randn(2, 5, head_dim, generator=g, dtype=torch.float64) for _ in "cs")
+    try:
+        ref = fn(q, k, cos, sin)
+        out = rope(q, k, cos, sin)
+        grads_ref = torch.autograd.grad(sum((r * (i + 1)).sum() for i, r in enumerate(ref)), (q, k))
+        grads = torch.autograd.grad(sum((r * (i + 1)).sum() for i, r in enumerate(out)), (q, k))
+    except Exception:  # a different signature or shape convention
+        return False
+    return all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip((*ref, *grads_ref), (*out, *grads)))

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..config import SATConfig
 from ..core.importance import group_scores, head_scores, mlp_scores
 from ..core.ops import (additive_mask, col_linear, flash_attention_cpu, flash_cpu_available, head_columns,
-                        kept_attention, row_linears, swiglu_mlp)
+                        kept_attention, rope, row_linears, same_rope, swiglu_mlp)
 from ..core.selection import select_units, uniform
 from ..distributed import reduce_scores
 from ..schedules import kept_count, scheduled_rates
@@ -292,6 +292,8 @@ class SATAttention(_SATModule):
         n = self.n_heads if runtime.config.attn_unit == "head" else self.n_kv
         super().__init__(base_layer, runtime, layer_idx, n)
         self._rope = model_module_function(base_layer, "apply_rotary_pos_emb")
+        if same_rope(self._rope, self.head_dim):  # satlm's own kernels for the same computation (core/ops.py)
+            self._rope = rope
         self._eager = model_module_function(base_layer, "eager_attention_forward")
 
     def _attention_function(self):
