@@ -3,8 +3,9 @@
 The model uses eager attention, whose core (Q K^T and P V matmuls) FlopCounterMode counts. The core is
 counted as implemented: in `current` mode it runs once over every head to score them (no autograd) and
 once more over the kept heads with autograd (a recomputation), whose backward covers kept heads only;
-in `history` mode it runs over kept heads only. (PyTorch's CPU flash SDPA kernel is not counted by
-FlopCounterMode at all, which is why this test uses eager.)
+in `history` mode it runs over kept heads only. (FlopCounterMode alone does not count PyTorch's CPU flash
+SDPA kernel, which is why these tests use eager; the last test counts SDPA with satlm's `flop_counter`,
+under which paper mode takes the kept heads' attention from its scoring pass and recomputes nothing.)
 """
 
 from __future__ import annotations
@@ -90,3 +91,33 @@ def test_sat_step_matches_accounting(source, unit, rate):
     expected = analytic(source, ratios)
     assert abs(measured - expected) / expected < 0.02, (measured, expected, ratios)
     assert measured < dense
+
+
+@pytest.mark.parametrize("source,unit", [(None, "head"), ("current", "head"), ("current", "kv_group"),
+                                         ("history", "head"), ("history", "kv_group")])
+def test_sdpa_step_counts_the_attention_core_as_run(source, unit):
+    """With SDPA on the CPU (the kernels `satlm bench` times), satlm's flop_counter counts PyTorch's CPU flash
+    kernels: forward Q K^T and P V (as eager), backward five such matmuls (it recomputes the scores), i.e. the
+    core's backward is 2.5x its forward instead of eager's 2x. Paper mode takes the kept heads' attention from
+    its scoring pass, so its core is one forward over every head plus the kept heads' backward."""
+    from satlm.bench.runner import flop_counter
+
+    model = tiny_model("llama", hidden=D, inter=F, heads=H, kv_heads=KV, layers=L, vocab=V, attn="sdpa")
+    data = batch(vocab=V, b=B, t=T, pad=False)
+    if source is not None:
+        satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", source=source,
+                                               attn_unit=unit, seed=3))
+        if source == "history":
+            model(**data).loss.backward()
+            model.zero_grad(set_to_none=True)
+    with flop_counter() as counter:
+        model(**data).loss.backward()
+    measured = counter.get_total_flops()
+    ratios = kept_ratios(model, unit) if source else [{}] * L
+    core = 4 * B * T * T * D
+    eager_core = {None: 3 * core, "current": core + 3 * core * 0.5, "history": 3 * core * 0.5}[source]
+    sdpa_core = {None: 3.5 * core, "current": core + 2.5 * core * 0.5, "history": 3.5 * core * 0.5}[source]
+    for r in ratios:
+        assert r.get("kh", 1.0) == (1.0 if source is None else 0.5)
+    expected = analytic(source, ratios) + L * (sdpa_core - eager_core)
+    assert abs(measured - expected) / expected < 0.02, (measured, expected)

@@ -224,3 +224,70 @@ def sat_step_applied(model, data):
             e = entry[comp]
             kept[(entry["layer"], comp)] = e["kept"] if e["kept"] is not None else list(range(e["n_units"]))
     return loss.detach(), grads, kept
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["causal", "padded"])
+@pytest.mark.parametrize("unit", ["head", "kv_group"])
+@pytest.mark.parametrize("arch,heads,kv", [("llama", 8, 2), ("mistral", 4, 4)])
+def test_paper_mode_reuses_the_scoring_pass_attention(monkeypatch, arch, heads, kv, unit, pad):
+    """With SDPA on the CPU, paper mode takes the kept heads' attention from its scoring pass: one flash forward
+    per layer (over every head), no second attention call, and the flash backward over kept heads only. It
+    must still equal the masked dense reference, with and without a padding mask (is_causal=True path)."""
+    import satlm.core.ops as ops
+
+    calls = {"flash": 0, "sdpa": 0, "backward_heads": []}
+    flash, flash_backward = ops._FLASH_CPU, ops._FLASH_CPU_BACKWARD
+
+    def counting_flash(*args, **kwargs):
+        calls["flash"] += 1
+        return flash(*args, **kwargs)
+
+    def counting_backward(grad, q, *args, **kwargs):
+        calls["backward_heads"].append(q.shape[1])
+        return flash_backward(grad, q, *args, **kwargs)
+
+    model = tiny_model(arch, heads=heads, kv_heads=kv, attn="sdpa")
+    ref_model = copy.deepcopy(model)
+    data = batch(pad=pad)
+    ref_loss, ref_grads, ref_kept = reference_step(ref_model, data, 0.5, unit)
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "_FLASH_CPU", counting_flash)
+    monkeypatch.setattr(ops, "_FLASH_CPU_BACKWARD", counting_backward)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    cfg = satlm.SATConfig(omission_rate=0.5, schedule="constant", selection="topk", metric="l2",
+                          source="current", attn_unit=unit)
+    loss, grads, kept = sat_step(model, data, cfg)
+
+    layers = model.config.num_hidden_layers
+    assert calls["flash"] == layers and calls["sdpa"] == 0
+    rep = heads // kv if unit == "kv_group" else 1
+    assert calls["backward_heads"] == [len(kept[(i, "attn")]) * rep for i in reversed(range(layers))]
+    assert kept == ref_kept
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    for name, g_ref in ref_grads.items():
+        assert rel_err(grads[name], g_ref) <= 1e-5, name
+
+
+def test_paper_mode_attends_again_where_the_flash_kernel_is_not_used():
+    """Eager attention (and the random metric, which runs no scoring pass) attend the kept heads again."""
+    import satlm.core.ops as ops
+
+    for attn, metric in (("eager", "l2"), ("sdpa", "random")):
+        model = tiny_model(attn=attn)
+        satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", source="current",
+                                               metric=metric))
+        called = []
+        orig = ops._FLASH_CPU
+        ops._FLASH_CPU = lambda *a, **k: called.append(1) or orig(*a, **k)
+        try:
+            model(**batch()).loss.backward()
+        finally:
+            ops._FLASH_CPU = orig
+        assert not called, (attn, metric)
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
