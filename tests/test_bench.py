@@ -40,3 +40,36 @@ def test_bench_rejects_bad_rates(monkeypatch):
     monkeypatch.setenv("SATLM_BENCH_REEXEC", "1")
     with pytest.raises(SystemExit, match="rates"):
         main(TINY + ["--rates", "0.5,1.2"])
+
+
+def test_kept_size_yardstick(tmp_path, monkeypatch):
+    """--kept-size times a dense model of each rate's kept size in the same round-robin and reports its speedup
+    beside each SAT row (not a timing test: the fields and the models' shapes are checked)."""
+    monkeypatch.setenv("SATLM_BENCH_REEXEC", "1")
+    out = tmp_path / "k.json"
+    assert main(TINY + ["--layers", "2", "--kept-size", "--sources", "history", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["rate"] for r in rows] == [0.25, 0.75]
+    for r in rows:
+        assert r["kept_size_speedup"] > 0 and r["kept_size_ideal_speedup"] > 1.0
+    assert rows[1]["kept_size_ideal_speedup"] > rows[0]["kept_size_ideal_speedup"]
+
+
+@pytest.mark.parametrize("heads,kv,unit,rate,expect", [
+    (8, 8, "head", 0.5, (4, 4, 704)),  # plain multi-head: kept heads
+    (8, 8, "head", 0.25, (6, 6, 1056)),  # 512 / 6 is no integer: head_dim stays 64 explicitly
+    (8, 2, "head", 0.5, (4, 1, 704)),  # GQA: KV groups kept in proportion, all their query heads
+    (8, 2, "kv_group", 0.75, (4, 1, 352)),  # kept_count(2, 0.75) = max(1, round(0.5)) = 1 group
+])
+def test_kept_size_model_shape(heads, kv, unit, rate, expect):
+    import torch
+
+    from satlm.bench.runner import Shape, build_model, kept_size_model
+
+    model = build_model(Shape(512, 1408, heads, kv, 1, 256), None, torch.float32, "cpu", 16)
+    kept = kept_size_model(model, rate, unit)
+    attn, mlp = kept.model.layers[0].self_attn, kept.model.layers[0].mlp
+    assert (attn.q_proj.out_features // 64, attn.k_proj.out_features // 64, mlp.gate_proj.out_features) == expect
+    assert attn.o_proj.in_features == expect[0] * 64 and attn.head_dim == 64
+    assert kept(torch.randint(0, 256, (1, 8))).logits.shape == (1, 8, 256)
+    assert model.config.num_attention_heads == heads  # the original is untouched

@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--kept-size", action="store_true",
+                   help="also time, interleaved, a dense model of each rate's kept size (kept heads and MLP "
+                        "channels, all else equal): the speedup SAT would have with no overhead at all")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="draw speedup against rate beside the ideal (PNG)")
     return p
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     _ensure_allocator_env(argv, device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .runner import PRESETS, Bench, Shape, build_model, run, summarize
+    from .runner import PRESETS, Bench, Shape, build_model, kept_size_model, run, summarize
 
     sources = _parse_list(args.sources, "sources", str, ("current", "history"))
     rates = _parse_list(args.rates, "rates", float)
@@ -115,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     def progress(i, n):
         print(f"  round {i}/{n}", end="\r", file=sys.stderr, flush=True)
 
-    variants = run(bench, sources, rates, args.warmup, args.repeats, progress)
+    kept_size = None
+    if args.kept_size:
+        kept_size = {r: Bench(kept_size_model(model, r, args.attn_unit), per_layer=args.per_layer,
+                              batch_size=args.batch_size, seq_len=args.seq_len, device=device,
+                              attn_unit=args.attn_unit) for r in rates}
+    variants = run(bench, sources, rates, args.warmup, args.repeats, progress, kept_size)
     dense, rows = summarize(variants, bench.tokens)
     print(" " * 20, end="\r", file=sys.stderr)
     print(format_table(dense, rows, device))
@@ -143,12 +151,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(dense: dict, rows: list[dict], device: str) -> str:
     mem = "peak MiB" if device.startswith("cuda") else "saved MiB"
+    kept = any("kept_size_speedup" in r for r in rows)
     head = f"{'source':<8} {'rate':>5} {'ideal':>6} {'speedup':>8} {'effic.':>7} {'tokens/s':>10} {mem:>10} {'spread':>7}"
+    head += f" {'kept-size':>9}" if kept else ""
     lines = [head, "-" * len(head)]
     for r in [dense] + rows:
-        lines.append(f"{r['source']:<8} {r['rate']:>5.2f} {r['ideal_speedup']:>6.2f} {r['speedup']:>7.2f}x "
-                     f"{r['efficiency']:>7.2f} {r['tokens_per_second']:>10,.0f} "
-                     f"{r['peak_memory_bytes'] / 2**20:>10.1f} {r['spread']:>7.1%}")
+        line = (f"{r['source']:<8} {r['rate']:>5.2f} {r['ideal_speedup']:>6.2f} {r['speedup']:>7.2f}x "
+                f"{r['efficiency']:>7.2f} {r['tokens_per_second']:>10,.0f} "
+                f"{r['peak_memory_bytes'] / 2**20:>10.1f} {r['spread']:>7.1%}")
+        if kept:
+            line += f" {r['kept_size_speedup']:>8.2f}x" if "kept_size_speedup" in r else f" {'':>9}"
+        lines.append(line)
+    if kept:
+        lines.append("kept-size: speedup of a dense model of the kept size (no SAT overhead at all), timed in the "
+                     "same round-robin")
     return "\n".join(lines)
 
 
@@ -165,6 +181,9 @@ def plot(record: dict, path: str) -> None:
         color = f"C{i}"
         ax.plot(rates, [r["speedup"] for r in rows], "o-", color=color, label=f"{source} (measured)")
         ax.plot(rates, [r["ideal_speedup"] for r in rows], "--", color=color, label=f"{source} (FLOP ideal)")
+        if all("kept_size_speedup" in r for r in rows):
+            ax.plot(rates, [r["kept_size_speedup"] for r in rows], ":", color="grey",
+                    label="dense model of the kept size" if i == 0 else None)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("omission rate")
     ax.set_ylabel("speedup over dense")

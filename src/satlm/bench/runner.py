@@ -45,6 +45,7 @@ class Variant:
     times: list[float] = field(default_factory=list)
     flops: int = 0
     peak_memory_bytes: int = 0
+    bench: "Bench | None" = None  # a variant on another model (the kept-size dense models); None: the main one
 
 
 def build_model(shape: Shape, model_path: str | None, dtype: torch.dtype, device: str, seq_len: int,
@@ -85,6 +86,35 @@ def flop_counter() -> FlopCounterMode:
 
     mapping = {_CPU_FLASH_OPS[0]: forward, _CPU_FLASH_OPS[1]: backward} if _CPU_FLASH_OPS else {}
     return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def kept_size_model(model, rate: float, attn_unit: str = "head"):
+    """A dense model like `model` but of the size SAT keeps at `rate`: kept_count of the MLP channels and of
+    the query heads, head size unchanged, everything else (width, layers, vocabulary) the same. With grouped
+    KV heads, KV groups are kept in proportion (kept_count of the groups, their query heads all kept: the
+    `kv_group` shape, which with attn_unit=head is the fewest groups the kept heads can touch). Its step time is
+    what SAT would take with no overhead at all, at this machine's efficiency for dense models: the yardstick
+    `satlm bench --kept-size` reports beside the FLOP ideal. Random weights; same dtype and device."""
+    import copy
+
+    from ..schedules import kept_count
+
+    cfg = copy.deepcopy(model.config)
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    rep = heads // kv
+    kv_kept = kept_count(kv, rate) if rep > 1 or attn_unit == "kv_group" else kept_count(heads, rate)
+    cfg.head_dim = head_dim
+    cfg.intermediate_size = kept_count(cfg.intermediate_size, rate)
+    # Set after construction: transformers' config check wants hidden_size % heads == 0, which a kept-size
+    # model with an explicit head_dim does not need.
+    cfg.num_key_value_heads = kv_kept
+    cfg.num_attention_heads = kv_kept * rep if rep > 1 else kv_kept
+    param = next(model.parameters())
+    torch.manual_seed(0)
+    kept = type(model)(cfg).to(device=param.device, dtype=param.dtype)
+    kept.config.use_cache = False
+    return kept.train()
 
 
 def _sync(device: str) -> None:
@@ -216,19 +246,24 @@ class Bench:
 
 
 def run(bench: Bench, sources: list[str], rates: list[float], warmup: int, repeats: int,
-        progress=None) -> list[Variant]:
+        progress=None, kept_size: dict[float, Bench] | None = None) -> list[Variant]:
+    """Dense, then each source at each rate, then (kept_size: rate -> Bench of a kept-size dense model) the
+    kept-size dense models, all timed round-robin: one full step each per round."""
     variants = [Variant("dense", None, 0.0)]
     variants += [Variant(f"{s}@{r:g}", s, r) for s in sources for r in rates]
+    variants += [Variant(f"kept-size@{r:g}", None, r, bench=b) for r, b in (kept_size or {}).items()]
     for v in variants:  # warm-up, FLOPs (history: after its statistics are seeded) and memory
-        with bench.variant(v):
+        b = v.bench or bench
+        with b.variant(v):
             for _ in range(warmup):
-                bench.step()
-            v.flops = bench.count_flops()
-            v.peak_memory_bytes = bench.memory()
+                b.step()
+            v.flops = b.count_flops()
+            v.peak_memory_bytes = b.memory()
     for i in range(repeats):  # interleaved round-robin
         for v in variants:
-            with bench.variant(v):
-                v.times.append(bench.timed_step())
+            b = v.bench or bench
+            with b.variant(v):
+                v.times.append(b.timed_step())
         if progress:
             progress(i + 1, repeats)
     return variants
@@ -249,4 +284,14 @@ def summarize(variants: list[Variant], tokens: int) -> tuple[dict, list[dict]]:
                 "step_seconds_iqr": q[2] - q[0], "spread": (q[2] - q[0]) / med, "flops": v.flops,
                 "repeats": len(v.times)}
 
-    return row(dense), [row(v) for v in variants[1:]]
+    kept = {v.rate: row(v) for v in variants[1:] if v.bench is not None}
+    rows = []
+    for v in variants[1:]:
+        if v.bench is not None:
+            continue
+        r = row(v)
+        if v.rate in kept:  # the yardstick: a dense model of the kept size, no SAT overhead at all
+            r["kept_size_speedup"] = kept[v.rate]["speedup"]
+            r["kept_size_ideal_speedup"] = kept[v.rate]["ideal_speedup"]
+        rows.append(r)
+    return row(dense), rows
