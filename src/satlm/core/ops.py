@@ -138,7 +138,7 @@ def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, idx, g, u, wg, wu, wd, bg, bu, bd):
+    def forward(ctx, x, idx, g, u, h, wg, wu, wd, bg, bu, bd):
         k = idx.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         if g is None:  # history mode: one GEMM over the kept gate and up rows
@@ -149,7 +149,7 @@ class _SwiGLU(torch.autograd.Function):
             g, u = gu[:, :k], gu[:, k:]
         else:  # paper mode: computed without autograd while scoring
             g, u = g.detach().reshape(-1, k), u.detach().reshape(-1, k)
-        h = F.silu(g).mul_(u)  # (N, k)
+        h = F.silu(g).mul_(u) if h is None else h.detach().reshape(-1, k)  # (N, k)
         y = F.linear(h, _kept_cols(wd, idx, 1), bd)  # 2 N d k FLOPs
         ctx.save_for_backward(x, g, u, wg, wu, wd, idx)
         ctx.biases = tuple((b.shape, b.dtype) if b is not None else None for b in (bg, bu, bd))
@@ -160,7 +160,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dh_unused):
         if dy is None:  # the output was not used (grads are not materialized)
-            return (None,) * 10
+            return (None,) * 11
         x, g, u, wg, wu, wd, idx = ctx.saved_tensors
         k = idx.shape[0]
         dtype = dy.dtype
@@ -195,17 +195,18 @@ class _SwiGLU(torch.autograd.Function):
             grads_b.append(None if spec is None else
                            part.new_zeros(spec[0], dtype=spec[1]).index_copy_(0, idx, part.sum(0).to(spec[1])))
         grad_bg, grad_bu = grads_b
-        return grad_x, None, None, None, grad_wg, grad_wu, grad_wd, grad_bg, grad_bu, grad_bd
+        return grad_x, None, None, None, None, grad_wg, grad_wu, grad_wd, grad_bg, grad_bu, grad_bd
 
 
-def swiglu_mlp(x, idx, gate, up, down, g=None, u=None) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_mlp(x, idx, gate, up, down, g=None, u=None, h=None) -> tuple[torch.Tensor, torch.Tensor]:
     """down(silu(gate(x)) * up(x)) over the kept channels idx, and the kept activations H (no gradient).
 
     x: (..., d); gate/up/down: nn.Linear; idx: (k,) kept channels, ascending; g, u: (..., k) the kept gate
-    and up outputs when already computed (paper mode), else None. Saves x and the kept gate/up outputs only:
-    the activation is recomputed in the backward.
+    and up outputs when already computed (paper mode), else None; h: silu(g) * u when computed too (paper
+    mode, from its scoring pass), else None. Saves x and the kept gate/up outputs only: the activation is
+    recomputed in the backward.
     """
-    return _SwiGLU.apply(x, idx, g, u, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
+    return _SwiGLU.apply(x, idx, g, u, h, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
 
 
 # -- paper mode: the kept heads' attention outputs come from the scoring pass ---------------------------------

@@ -217,22 +217,25 @@ class SATMLP(_SATModule):
             else:
                 g_all, u_all = gate(x), up(x)  # (B, T, f): every channel, to score them
             idx = self._cached(k)
+            h_all = None
             if idx is None:
                 scores = None
                 if metric != "random":
                     h_all = act(g_all).mul_(u_all)
-                    if fused:
-                        h_all = h_all.t().reshape(*x.shape[:-1], -1)  # (B, T, f) view
-                    scores = mlp_scores(h_all, mask, metric, down.weight, scratch=True)
-                    del h_all
+                    if fused:  # scored from a (B, T, f) view; the kept rows are handed to the MLP below
+                        scores = mlp_scores(h_all.t().reshape(*x.shape[:-1], -1), mask, metric, down.weight)
+                    else:
+                        scores = mlp_scores(h_all, mask, metric, down.weight, scratch=True)
+                        h_all = None
                 idx = self._choose(k, scores, x.device)
             if fused:  # (N, k) views of (k, N)
                 g_k, u_k = g_all.index_select(0, idx).t(), u_all.index_select(0, idx).t()
+                h_k = h_all.index_select(0, idx).t() if h_all is not None else None
             else:
                 g_k, u_k = _select_last(g_all, idx), _select_last(u_all, idx)  # (B, T, k)
-            del g_all, u_all
+            del g_all, u_all, h_all
         if fused:
-            return swiglu_mlp(x, idx, gate, up, down, g_k, u_k)[0]
+            return swiglu_mlp(x, idx, gate, up, down, g_k, u_k, h_k)[0]
         g, u = _kept_linears(x, [gate, up], [idx, idx], [g_k, u_k])
         return col_linear(act(g) * u, down.weight, idx, down.bias)
 
