@@ -33,7 +33,8 @@ def _group(name: str, shapes, vocab: int) -> str:
         return "loss"
     if "adam" in name.lower() or "Optimizer" in name or "_foreach" in name:
         return "optimizer"
-    if name in ("aten::index_select", "aten::index_copy_", "aten::cat", "aten::zeros_like", "aten::fill_"):
+    if name in ("aten::index_select", "aten::index_copy_", "aten::scatter_", "aten::cat", "aten::zeros_like",
+                "aten::fill_"):
         return "SAT gathers" if name != "aten::fill_" else "elementwise"
     return "elementwise"
 
