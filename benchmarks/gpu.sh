@@ -15,11 +15,11 @@ PY
 python benchmarks/gpu_check.py | tee "$out/gpu_check.txt"
 # Whole training steps (forward, backward, fused AdamW): TinyLlama's shape with 8 of its 22 layers, B=4, T=2048.
 python -m satlm.bench.cli --preset tinyllama-1.1b --layers 8 --dtype bfloat16 --device cuda \
-    --batch-size 4 --seq-len 2048 --warmup 3 --repeats 10 \
+    --batch-size 4 --seq-len 2048 --warmup 3 --repeats 10 --kept-size \
     --json "$out/tinyllama-bench.json" --plot "$out/tinyllama-bench.png" | tee "$out/tinyllama-bench.txt"
 # One Llama-2-7B layer, B=4, T=2048, to isolate the sparsified part.
 python -m satlm.bench.cli --preset llama2-7b --per-layer --dtype bfloat16 --device cuda \
-    --batch-size 4 --seq-len 2048 --warmup 3 --repeats 10 \
+    --batch-size 4 --seq-len 2048 --warmup 3 --repeats 10 --kept-size \
     --json "$out/llama2-7b-layer.json" | tee "$out/llama2-7b-layer.txt"
 # FSDP2 through the Trainer (cannot run on CPU): train, checkpoint, resume; then compare with plain DDP.
 fsdp='trainer_args={fsdp: true, fsdp_config: {version: 2, transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}}'
