@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import SATConfig
+from ..core.ops import FLASH_CPU_OPS as _CPU_FLASH_OPS
 from ..modeling.patch import apply_sat, disable_sat
 
 
@@ -65,11 +66,6 @@ def build_model(shape: Shape, model_path: str | None, dtype: torch.dtype, device
         model = LlamaForCausalLM(cfg).to(dtype)
     model.config.use_cache = False
     return model.to(device).train()
-
-
-_CPU_FLASH_OPS = tuple(getattr(torch.ops.aten, name, None) for name in (
-    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"))
-_CPU_FLASH_OPS = _CPU_FLASH_OPS if all(op is not None for op in _CPU_FLASH_OPS) else ()
 
 
 def flop_counter() -> FlopCounterMode:

@@ -5,9 +5,11 @@ or more projections that share their input x: q/k/v, or gate/up. `col_linear` is
 for the down and output projections. `swiglu_mlp` is a whole SiLU-gated MLP over kept channels, which saves
 only x and the kept gate/up outputs and recomputes the activation in the backward. None of them saves a
 slice of a weight: the kept rows or columns are taken again in the backward, and their gradients are
-written into a zero gradient of the full parameter with `index_copy_`."""
+written into a zero gradient of the full parameter (`_scatter_rows`, `_scatter_cols`)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,11 @@ def _kept_rows(weights, idxs, dtype=None) -> torch.Tensor:
         torch.index_select(w, 0, i, out=out[start:start + i.shape[0]])
         start += i.shape[0]
     return out if dtype is None else out.to(dtype)
+
+
+def _scatter_rows(weight: torch.Tensor, idx: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """A zero tensor shaped like weight, with `part` in the kept rows idx (the inverse of a row gather)."""
+    return torch.zeros_like(weight).index_copy_(0, idx, part.to(weight.dtype))
 
 
 class _RowLinears(torch.autograd.Function):
@@ -55,10 +62,7 @@ class _RowLinears(torch.autograd.Function):
         grad_ws: list = [None] * n
         if any(ctx.needs_input_grad[3:3 + n]):
             gw = g.t() @ x.reshape(-1, x.shape[-1]).to(dtype)  # (sum k, d): 2N d sum(k) FLOPs
-            grad_ws = []
-            for part, w, i in zip(gw.split(widths, dim=0), weights, idxs):
-                full = torch.zeros_like(w)
-                grad_ws.append(full.index_copy_(0, i, part.to(w.dtype)))
+            grad_ws = [_scatter_rows(w, i, part) for part, w, i in zip(gw.split(widths, dim=0), weights, idxs)]
         grad_bs = []
         for g_i, i, b in zip(g.split(widths, dim=1), idxs, ctx.biases):
             if b is None:
@@ -188,8 +192,7 @@ class _SwiGLU(torch.autograd.Function):
             grad_x = (dgu @ _kept_rows([wg, wu], [idx, idx], dtype)).reshape(x.shape).to(x.dtype)  # 4 N d k
         if need[4] or need[5]:
             gw = dgu.t() @ x2  # (2k, d): 4 N d k FLOPs
-            grad_wg = torch.zeros_like(wg).index_copy_(0, idx, gw[:k].to(wg.dtype))
-            grad_wu = torch.zeros_like(wu).index_copy_(0, idx, gw[k:].to(wu.dtype))
+            grad_wg, grad_wu = _scatter_rows(wg, idx, gw[:k]), _scatter_rows(wu, idx, gw[k:])
         grads_b = []
         for part, spec in ((dgu[:, :k], ctx.biases[0]), (dgu[:, k:], ctx.biases[1])):
             grads_b.append(None if spec is None else
@@ -215,6 +218,10 @@ def swiglu_mlp(x, idx, gate, up, down, g=None, u=None, h=None) -> tuple[torch.Te
 # outputs and log-sum-exps are then all the flash backward needs, so their attention is not computed again.
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+# The two ops as PyTorch names them, for FLOP counting (satlm.bench.runner.flop_counter); () where missing.
+FLASH_CPU_OPS = (_FLASH_CPU, _FLASH_CPU_BACKWARD) if _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None else ()
 
 
 def flash_cpu_available() -> bool:
@@ -289,6 +296,7 @@ def rope(q, k, cos, sin, unsqueeze_dim: int = 1):
     return _Rope.apply(q, cos, sin), _Rope.apply(k, cos, sin)
 
 
+@functools.lru_cache(maxsize=None)  # one probe per (function, head size), not one per layer
 def same_rope(fn, head_dim: int) -> bool:
     """Does the model's rotary function `fn(q, k, cos, sin)` compute what `rope` does? (Checked on random
     inputs, forward and backward; architectures with partial or interleaved rotary keep their own.)"""

@@ -35,6 +35,9 @@ class SATRuntime:
         # recomputed (gradient checkpointing) and must reuse its selection.
         self.forward_id = 0
         self.token_mask: torch.Tensor | None = None  # (B, T) of the current batch, 1 = real token
+        # (forward id, attention mask, dtype, its additive form): every layer of a forward gets the same mask,
+        # which paper mode's flash path converts once per forward.
+        self.mask_cache: tuple | None = None
 
     def set_step(self, step: int, total_steps: int | None) -> None:
         self.step, self.total_steps = int(step), (int(total_steps) if total_steps else None)
@@ -351,7 +354,10 @@ class SATAttention(_SATModule):
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(base, "is_causal", True) if is_causal is None else is_causal
         is_causal = bool(x.shape[1] > 1 and attention_mask is None and is_causal)
-        return additive_mask(attention_mask, x.dtype), is_causal
+        rt, cache = self.sat_runtime, self.sat_runtime.mask_cache
+        if not (cache and cache[0] == rt.forward_id and cache[1] is attention_mask and cache[2] == x.dtype):
+            rt.mask_cache = cache = (rt.forward_id, attention_mask, x.dtype, additive_mask(attention_mask, x.dtype))
+        return cache[3], is_causal
 
     def _sparse_forward(self, k, x, position_embeddings, attention_mask, kwargs):
         rt, base = self.sat_runtime, self.base_layer
