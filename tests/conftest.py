@@ -25,10 +25,13 @@ def tiny_model(arch: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidden
     torch.manual_seed(seed)
     model = cls[1](cfg)
     # Break the symmetry of HF's small-std init so that importance scores are well separated.
+    # Biases (zero at HF's init) get values, so that a bias dropped or doubled anywhere shows.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(torch.empty(p.shape[0], 1).uniform_(0.2, 3.0))
+            elif name.endswith(".bias"):
+                p.uniform_(-0.1, 0.1)
     return model.train()
 
 

@@ -47,6 +47,10 @@ def analytic(source: str | None, kept: list[dict]) -> float:
             mlp = 4 * d * f + 2 * d * f * km + 12 * d * f * km
             proj = 2 * d * (d + 2 * dkv) + 2 * d * d * kh + 4 * d * d * kh + 4 * d * d * kh + 8 * d * dkv * kg
             total += n * (mlp + proj) + core + 3 * core * kh  # scoring pass + kept recompute + its backward
+        elif source == "current-dense":  # forward=dense: the whole forward, the backward over kept units
+            mlp = 6 * d * f + 12 * d * f * km
+            proj = 2 * d * (2 * d + 2 * dkv) + 4 * d * d * kh + 4 * d * d * kh + 8 * d * dkv * kg
+            total += n * (mlp + proj) + core + 3 * core * kh
         else:
             mlp = 3 * 6 * d * f * km
             proj = 3 * (4 * d * d * kh + 4 * d * dkv * kg)
@@ -76,14 +80,15 @@ def test_dense_step_matches_accounting():
     assert abs(measured - expected) / expected < 0.02, (measured, expected)
 
 
-@pytest.mark.parametrize("source", ["current", "history"])
+@pytest.mark.parametrize("source", ["current", "history", "current-dense"])
 @pytest.mark.parametrize("unit", ["head", "kv_group"])
 @pytest.mark.parametrize("rate", [0.25, 0.5, 0.75])
 def test_sat_step_matches_accounting(source, unit, rate):
     model, data = model_and_data()
     dense = step_flops(model, data)
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=rate, schedule="constant", source=source,
-                                           attn_unit=unit, seed=3))
+    sat_source, forward = source.split("-")[0], "dense" if source.endswith("-dense") else "sparse"
+    satlm.apply_sat(model, satlm.SATConfig(omission_rate=rate, schedule="constant", source=sat_source,
+                                           attn_unit=unit, seed=3, forward=forward))
     if source == "history":
         step_flops(model, data)  # the first history step observes every unit to seed the statistics
     measured = step_flops(model, data)
@@ -94,7 +99,7 @@ def test_sat_step_matches_accounting(source, unit, rate):
 
 
 @pytest.mark.parametrize("source,unit", [(None, "head"), ("current", "head"), ("current", "kv_group"),
-                                         ("history", "head"), ("history", "kv_group")])
+                                         ("history", "head"), ("history", "kv_group"), ("current-dense", "head")])
 def test_sdpa_step_counts_the_attention_core_as_run(source, unit):
     """With SDPA on the CPU (the kernels `satlm bench` times), satlm's flop_counter counts PyTorch's CPU flash
     kernels: forward Q K^T and P V (as eager), backward five such matmuls (it recomputes the scores), i.e. the
@@ -105,8 +110,9 @@ def test_sdpa_step_counts_the_attention_core_as_run(source, unit):
     model = tiny_model("llama", hidden=D, inter=F, heads=H, kv_heads=KV, layers=L, vocab=V, attn="sdpa")
     data = batch(vocab=V, b=B, t=T, pad=False)
     if source is not None:
-        satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", source=source,
-                                               attn_unit=unit, seed=3))
+        satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", source=source.split("-")[0],
+                                               attn_unit=unit, seed=3,
+                                               forward="dense" if source.endswith("-dense") else "sparse"))
         if source == "history":
             model(**data).loss.backward()
             model.zero_grad(set_to_none=True)
@@ -115,8 +121,10 @@ def test_sdpa_step_counts_the_attention_core_as_run(source, unit):
     measured = counter.get_total_flops()
     ratios = kept_ratios(model, unit) if source else [{}] * L
     core = 4 * B * T * T * D
-    eager_core = {None: 3 * core, "current": core + 3 * core * 0.5, "history": 3 * core * 0.5}[source]
-    sdpa_core = {None: 3.5 * core, "current": core + 2.5 * core * 0.5, "history": 3.5 * core * 0.5}[source]
+    eager_core = {None: 3 * core, "current": core + 3 * core * 0.5, "history": 3 * core * 0.5,
+                  "current-dense": core + 3 * core * 0.5}[source]
+    sdpa_core = {None: 3.5 * core, "current": core + 2.5 * core * 0.5, "history": 3.5 * core * 0.5,
+                 "current-dense": core + 2.5 * core * 0.5}[source]
     for r in ratios:
         assert r.get("kh", 1.0) == (1.0 if source is None else 0.5)
     expected = analytic(source, ratios) + L * (sdpa_core - eager_core)

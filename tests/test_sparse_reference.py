@@ -52,7 +52,13 @@ def _masked_run(model, data, unit: str, choose):
     loss.backward()
     for h in hooks:
         h.remove()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), grads_of(model)
+
+
+def grads_of(model) -> dict:
+    """Every parameter's gradient under its plain name (None where it has none: frozen)."""
+    return {n.replace("base_layer.", ""): p.grad.clone() if p.grad is not None else None
+            for n, p in model.named_parameters()}
 
 
 def reference_step(model, data, rate: float, unit: str):
@@ -81,7 +87,7 @@ def sat_step(model, data, config):
     satlm.apply_sat(model, config)
     loss = model(**data).loss
     loss.backward()
-    grads = {n.replace("base_layer.", ""): p.grad.clone() for n, p in model.named_parameters()}
+    grads = grads_of(model)
     state = satlm.sat_state(model)
     kept = {}
     for entry in state["layers"]:
@@ -217,7 +223,7 @@ def test_history_matches_masked_dense_reference(arch, heads, kv, impl, extra, un
 def sat_step_applied(model, data):
     loss = model(**data).loss
     loss.backward()
-    grads = {n.replace("base_layer.", ""): p.grad.clone() for n, p in model.named_parameters()}
+    grads = grads_of(model)
     kept = {}
     for entry in satlm.sat_state(model)["layers"]:
         for comp in ("mlp", "attn"):

@@ -16,6 +16,7 @@ SELECTIONS = ("sample", "topk", "random")
 SOURCES = ("current", "history")
 SCHEDULES = ("ladder", "constant", "linear", "steps")
 ATTN_UNITS = ("head", "kv_group")
+FORWARDS = ("dense", "sparse")
 
 
 class SATConfigError(SATLMError, ValueError):
@@ -61,6 +62,11 @@ class SATConfig:
     source: str = "current"
     """current: importance from this batch's forward (paper mode); history: from earlier steps, so the
     selection is made before the forward and every projection shrinks."""
+    forward: str = "sparse"
+    """Where the omission acts (docs/method.md). sparse: omitted units contribute nothing to the step's output
+    (the step's loss is that of a thinned model). dense: the forward computes and uses every unit (the step's
+    loss is the dense model's) and only the backward runs over the kept units: no gradient flows through an
+    omitted unit and its weights get none. dense needs source=current: history's gain is a smaller forward."""
     schedule: str = "ladder"
     """Omission-rate schedule over training: ladder (LORS), constant, linear, steps."""
     rungs: int = 4
@@ -96,6 +102,12 @@ class SATConfig:
         _choice("source", self.source, SOURCES)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("attn_unit", self.attn_unit, ATTN_UNITS)
+        _choice("forward", self.forward, FORWARDS)
+        if self.forward == "dense" and self.source == "history":
+            raise SATConfigError("SATConfig.forward='dense' needs source='current': a dense forward computes every "
+                                 "unit, so history's gain (selecting before the forward, so that every projection "
+                                 "shrinks) is gone and only its staler selection would remain; use "
+                                 "source='current' with forward='dense', or forward='sparse' with history")
         if isinstance(self.rungs, bool) or not isinstance(self.rungs, int) or self.rungs < 1:
             raise SATConfigError(f"SATConfig.rungs={self.rungs!r} must be an integer >= 1")
         _rate("dense_tail", self.dense_tail)
@@ -185,4 +197,5 @@ class SATConfig:
         return cls.from_dict(yaml.safe_load(text))
 
 
-__all__ = ["SATConfig", "SATConfigError", "closest_key", "METRICS", "SELECTIONS", "SOURCES", "SCHEDULES", "ATTN_UNITS"]
+__all__ = ["SATConfig", "SATConfigError", "closest_key", "METRICS", "SELECTIONS", "SOURCES", "SCHEDULES", "ATTN_UNITS",
+           "FORWARDS"]

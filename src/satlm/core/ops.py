@@ -60,12 +60,19 @@ class _RowLinears(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (g @ _kept_rows(weights, idxs, dtype)).reshape(x.shape).to(x.dtype)  # 2N d sum(k)
         grad_ws: list = [None] * n
-        if any(ctx.needs_input_grad[3:3 + n]):
-            gw = g.t() @ x.reshape(-1, x.shape[-1]).to(dtype)  # (sum k, d): 2N d sum(k) FLOPs
+        need_w = ctx.needs_input_grad[3:3 + n]
+        need_b = ctx.needs_input_grad[3 + 2 * n:3 + 3 * n]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        if all(need_w):
+            gw = g.t() @ x2  # (sum k, d): 2N d sum(k) FLOPs
             grad_ws = [_scatter_rows(w, i, part) for part, w, i in zip(gw.split(widths, dim=0), weights, idxs)]
+        else:  # some weights frozen: no GEMM for their gradients
+            for j, (g_j, w, i) in enumerate(zip(g.split(widths, dim=1), weights, idxs)):
+                if need_w[j]:
+                    grad_ws[j] = _scatter_rows(w, i, g_j.t() @ x2)
         grad_bs = []
-        for g_i, i, b in zip(g.split(widths, dim=1), idxs, ctx.biases):
-            if b is None:
+        for g_i, i, b, need in zip(g.split(widths, dim=1), idxs, ctx.biases, need_b):
+            if b is None or not need:
                 grad_bs.append(None)
                 continue
             full = g_i.new_zeros(b[0], dtype=b[1])
@@ -105,10 +112,12 @@ def _scatter_cols(weight: torch.Tensor, idx: torch.Tensor, block: int, part: tor
 
 class _ColLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, idx, bias, block):
+    def forward(ctx, h, weight, idx, bias, block, out):
         ctx.save_for_backward(h, weight, idx)
         ctx.bias = (bias.shape, bias.dtype) if bias is not None else None
         ctx.block = block
+        if out is not None:  # forward=dense: the output over every unit, computed without autograd
+            return out.detach()
         return F.linear(h, _kept_cols(weight, idx, block), bias)
 
     @staticmethod
@@ -124,14 +133,16 @@ class _ColLinear(torch.autograd.Function):
             grad_w = _scatter_cols(weight, idx, ctx.block, part.to(weight.dtype))
         if ctx.bias is not None and ctx.needs_input_grad[3]:
             grad_b = g2.sum(0).to(ctx.bias[1])
-        return grad_h, grad_w, None, grad_b, None
+        return grad_h, grad_w, None, grad_b, None, None
 
 
 def col_linear(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None,
-               block: int = 1):
+               block: int = 1, out: torch.Tensor | None = None):
     """F.linear(h, weight[:, cols], bias) with a kept-columns-only backward. h: (..., k); weight: (out, in);
-    cols = idx (block 1), or the blocks idx of `block` adjacent columns (block = head_dim: whole heads)."""
-    return _ColLinear.apply(h, weight, idx, bias, block)
+    cols = idx (block 1), or the blocks idx of `block` adjacent columns (block = head_dim: whole heads).
+    out: the forward's value when already computed over every column (forward=dense), else None; the backward
+    is the kept columns' either way."""
+    return _ColLinear.apply(h, weight, idx, bias, block, out)
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -140,9 +151,14 @@ def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + offsets).reshape(-1)
 
 
+# Positions of _SwiGLU.forward's inputs, for ctx.needs_input_grad (named: an off-by-one here once dropped the
+# gradients of frozen-neighbour weights silently).
+_X, _WG, _WU, _WD, _BG, _BU, _BD = 0, 6, 7, 8, 9, 10, 11
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, idx, g, u, h, wg, wu, wd, bg, bu, bd):
+    def forward(ctx, x, idx, g, u, h, y, wg, wu, wd, bg, bu, bd):
         k = idx.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         if g is None:  # history mode: one GEMM over the kept gate and up rows
@@ -154,7 +170,10 @@ class _SwiGLU(torch.autograd.Function):
         else:  # paper mode: computed without autograd while scoring
             g, u = g.detach().reshape(-1, k), u.detach().reshape(-1, k)
         h = F.silu(g).mul_(u) if h is None else h.detach().reshape(-1, k)  # (N, k)
-        y = F.linear(h, _kept_cols(wd, idx, 1), bd)  # 2 N d k FLOPs
+        if y is None:
+            y = F.linear(h, _kept_cols(wd, idx, 1), bd)  # 2 N d k FLOPs
+        else:  # forward=dense: the output over every channel, computed without autograd
+            y = y.detach().reshape(-1, wd.shape[0])
         ctx.save_for_backward(x, g, u, wg, wu, wd, idx)
         ctx.biases = tuple((b.shape, b.dtype) if b is not None else None for b in (bg, bu, bd))
         ctx.mark_non_differentiable(h)
@@ -164,52 +183,61 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dh_unused):
         if dy is None:  # the output was not used (grads are not materialized)
-            return (None,) * 11
+            return (None,) * 12
         x, g, u, wg, wu, wd, idx = ctx.saved_tensors
+        need = ctx.needs_input_grad
         k = idx.shape[0]
         dtype = dy.dtype
         x2, dy2 = x.reshape(-1, x.shape[-1]).to(dtype), dy.reshape(-1, dy.shape[-1])
         g, u = g.to(dtype), u.to(dtype)
         a = F.silu(g)  # recomputed: nothing of the activation was saved
+        grad_wd = grad_bd = grad_wg = grad_wu = grad_bg = grad_bu = grad_x = None
+        if need[_WD]:
+            part = dy2.t() @ (a * u).to(dtype)  # (d, k): 2 N d k FLOPs
+            grad_wd = _scatter_cols(wd, idx, 1, part.to(wd.dtype))
+        if ctx.biases[2] is not None and need[_BD]:
+            grad_bd = dy2.sum(0).to(ctx.biases[2][1])
+        need_gate = need[_WG] or (ctx.biases[0] is not None and need[_BG])
+        need_up = need[_WU] or (ctx.biases[1] is not None and need[_BU])
+        if not (need[_X] or need_gate or need_up):
+            return None, None, None, None, None, None, None, None, grad_wd, None, None, grad_bd
         # Elementwise work stays in the layout of g and u: (N, k), or channels first (paper mode: views of (k, N)).
         channels_first = g.dim() == 2 and g.shape[0] > 1 and g.shape[1] > 1 and g.stride(0) == 1
         if channels_first:
             dh = (_kept_cols(wd, idx, 1).t().to(dtype) @ dy2.t()).t()  # (N, k) view of (k, N): 2 N d k FLOPs
         else:
             dh = dy2 @ _kept_cols(wd, idx, 1).to(dtype)  # (N, k): 2 N d k FLOPs
-        need = ctx.needs_input_grad
-        grad_wd = grad_bd = grad_wg = grad_wu = grad_bg = grad_bu = grad_x = None
-        if need[6]:
-            part = dy2.t() @ (a * u).to(dtype)  # (d, k): 2 N d k FLOPs
-            grad_wd = _scatter_cols(wd, idx, 1, part.to(wd.dtype))
-        if ctx.biases[2] is not None and need[9]:
-            grad_bd = dy2.sum(0).to(ctx.biases[2][1])
         # d(gate), d(up) side by side, so that one GEMM serves both
         dgu = dh.new_empty(2 * k, dh.shape[0]).t() if channels_first else dh.new_empty(dh.shape[0], 2 * k)
         torch.mul(dh, a, out=dgu[:, k:])
         torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=dgu[:, :k])
-        if need[0]:
+        if need[_X]:
             grad_x = (dgu @ _kept_rows([wg, wu], [idx, idx], dtype)).reshape(x.shape).to(x.dtype)  # 4 N d k
-        if need[4] or need[5]:
+        if need[_WG] and need[_WU]:
             gw = dgu.t() @ x2  # (2k, d): 4 N d k FLOPs
             grad_wg, grad_wu = _scatter_rows(wg, idx, gw[:k]), _scatter_rows(wu, idx, gw[k:])
+        elif need[_WG]:  # a frozen up projection: no GEMM for its gradient
+            grad_wg = _scatter_rows(wg, idx, dgu[:, :k].t() @ x2)
+        elif need[_WU]:
+            grad_wu = _scatter_rows(wu, idx, dgu[:, k:].t() @ x2)
         grads_b = []
-        for part, spec in ((dgu[:, :k], ctx.biases[0]), (dgu[:, k:], ctx.biases[1])):
-            grads_b.append(None if spec is None else
+        for part, spec, slot in ((dgu[:, :k], ctx.biases[0], _BG), (dgu[:, k:], ctx.biases[1], _BU)):
+            grads_b.append(None if spec is None or not need[slot] else
                            part.new_zeros(spec[0], dtype=spec[1]).index_copy_(0, idx, part.sum(0).to(spec[1])))
         grad_bg, grad_bu = grads_b
-        return grad_x, None, None, None, None, grad_wg, grad_wu, grad_wd, grad_bg, grad_bu, grad_bd
+        return grad_x, None, None, None, None, None, grad_wg, grad_wu, grad_wd, grad_bg, grad_bu, grad_bd
 
 
-def swiglu_mlp(x, idx, gate, up, down, g=None, u=None, h=None) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_mlp(x, idx, gate, up, down, g=None, u=None, h=None, y=None) -> tuple[torch.Tensor, torch.Tensor]:
     """down(silu(gate(x)) * up(x)) over the kept channels idx, and the kept activations H (no gradient).
 
     x: (..., d); gate/up/down: nn.Linear; idx: (k,) kept channels, ascending; g, u: (..., k) the kept gate
     and up outputs when already computed (paper mode), else None; h: silu(g) * u when computed too (paper
-    mode, from its scoring pass), else None. Saves x and the kept gate/up outputs only: the activation is
-    recomputed in the backward.
+    mode, from its scoring pass), else None; y: the MLP's output over every channel when computed already
+    (forward=dense: the value returned; the backward is still over the kept channels), else None. Saves x and
+    the kept gate/up outputs only: the activation is recomputed in the backward.
     """
-    return _SwiGLU.apply(x, idx, g, u, h, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
+    return _SwiGLU.apply(x, idx, g, u, h, y, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
 
 
 # -- paper mode: the kept heads' attention outputs come from the scoring pass ---------------------------------

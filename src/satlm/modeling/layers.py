@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import SATConfig
 from ..core.importance import group_scores, head_scores, mlp_scores
@@ -214,6 +215,7 @@ class SATMLP(_SATModule):
                     self._observe(idx, mlp_scores(h.detach(), mask, metric, _kept_cols(down, idx, metric)))
             return y
 
+        dense_forward = self.sat_runtime.config.forward == "dense"
         with torch.no_grad():
             if fused:  # channels first, (f, N), so that the kept channels are whole rows to copy
                 g_all, u_all = _linear_t(x, gate), _linear_t(x, up)
@@ -221,16 +223,21 @@ class SATMLP(_SATModule):
                 g_all, u_all = gate(x), up(x)  # (B, T, f): every channel, to score them
             idx = self._cached(k)
             h_all = None
+            if dense_forward or (idx is None and metric != "random"):
+                h_all = act(g_all).mul_(u_all)
             if idx is None:
                 scores = None
                 if metric != "random":
-                    h_all = act(g_all).mul_(u_all)
                     if fused:  # scored from a (B, T, f) view; the kept rows are handed to the MLP below
                         scores = mlp_scores(h_all.t().reshape(*x.shape[:-1], -1), mask, metric, down.weight)
                     else:
-                        scores = mlp_scores(h_all, mask, metric, down.weight, scratch=True)
-                        h_all = None
+                        scores = mlp_scores(h_all, mask, metric, down.weight, scratch=not dense_forward)
                 idx = self._choose(k, scores, x.device)
+            y_all = None
+            if dense_forward:  # the output over every channel: 2 N d f FLOPs
+                y_all = (torch.mm(h_all.t(), down.weight.t()) if fused else h_all @ down.weight.t())
+                if down.bias is not None:
+                    y_all += down.bias
             if fused:  # (N, k) views of (k, N)
                 g_k, u_k = g_all.index_select(0, idx).t(), u_all.index_select(0, idx).t()
                 h_k = h_all.index_select(0, idx).t() if h_all is not None else None
@@ -238,9 +245,9 @@ class SATMLP(_SATModule):
                 g_k, u_k = _select_last(g_all, idx), _select_last(u_all, idx)  # (B, T, k)
             del g_all, u_all, h_all
         if fused:
-            return swiglu_mlp(x, idx, gate, up, down, g_k, u_k, h_k)[0]
+            return swiglu_mlp(x, idx, gate, up, down, g_k, u_k, h_k, y_all)[0]
         g, u = _kept_linears(x, [gate, up], [idx, idx], [g_k, u_k])
-        return col_linear(act(g) * u, down.weight, idx, down.bias)
+        return col_linear(act(g) * u, down.weight, idx, down.bias, out=y_all)
 
 
 def _linear_t(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -338,11 +345,12 @@ class SATAttention(_SATModule):
         return self._sparse_forward(k, named["hidden_states"], named["position_embeddings"],
                                     named.get("attention_mask"), kwargs)
 
-    def _flash_reuse(self, fresh, x, attention_mask, dropout, kwargs):
-        """(additive mask, is_causal) when paper mode can take the kept heads' attention from its scoring pass:
-        SDPA on the CPU, which runs PyTorch's flash kernel; else None (the kept heads are attended again)."""
+    def _flash_reuse(self, attend_all, x, attention_mask, dropout, kwargs):
+        """(additive mask, is_causal) when paper mode can take the kept heads' attention from its pass over every
+        head (attend_all: scoring, or forward=dense): SDPA on the CPU, which runs PyTorch's flash kernel; else None
+        (the kept heads are attended again)."""
         base = self.base_layer
-        if not (fresh and self.sat_runtime.config.metric != "random" and x.device.type == "cpu"
+        if not (attend_all and x.device.type == "cpu"
                 and base.config._attn_implementation == "sdpa" and dropout == 0.0 and flash_cpu_available()
                 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
                 and not torch.is_autocast_enabled("cpu")
@@ -373,6 +381,7 @@ class SATAttention(_SATModule):
         units = self._cached(k)
         fresh = units is None
         flash = None  # paper mode only: see _flash_reuse
+        y_all = None  # paper mode with forward=dense: the output over every head
 
         if self._use_history():
             if fresh:
@@ -381,26 +390,30 @@ class SATAttention(_SATModule):
             qcols, kvcols = head_columns(heads, hd), head_columns(groups, hd)
             q, key, val = _kept_linears(x, [qp, kp, vp], [qcols, kvcols, kvcols])
         else:
-            # The kept heads' outputs are taken from the scoring pass when it ran SDPA's CPU flash kernel.
-            flash = self._flash_reuse(fresh, x, attention_mask, dropout, kwargs)
+            # Every head is attended without autograd to score the heads (and, forward=dense, for the output);
+            # the kept heads' outputs are taken from that pass when it ran SDPA's CPU flash kernel.
+            dense_forward = rt.config.forward == "dense"
+            attend_all = dense_forward or (fresh and metric != "random")
+            flash = self._flash_reuse(attend_all, x, attention_mask, dropout, kwargs)
             with torch.no_grad():
                 q_all, k_all, v_all = qp(x), kp(x), vp(x)  # (B, T, H*hd), (B, T, n_kv*hd) x2
+                if attend_all:
+                    qh = q_all.view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+                    kh = k_all.view(B, T, -1, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+                    qh, kh = self._rope(qh, kh, cos, sin)
+                    vh = v_all.view(B, T, -1, hd).transpose(1, 2)
+                    if flash is not None:
+                        if self.rep > 1:
+                            kh, vh = kh.repeat_interleave(self.rep, 1), vh.repeat_interleave(self.rep, 1)
+                        o_all, lse_all = flash_attention_cpu(qh, kh, vh, flash[0], flash[1], base.scaling)
+                    else:
+                        o_all, _ = attend(_GroupsView(base, self.rep), qh, kh, vh, attention_mask,
+                                          dropout=0.0, scaling=base.scaling, **extra)  # (B, T, H, hd)
+                    del qh, kh, vh
                 if fresh:
                     scores = None
                     if metric != "random":
-                        qh = q_all.view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
-                        kh = k_all.view(B, T, -1, hd).transpose(1, 2)  # (B, n_kv, T, hd)
-                        qh, kh = self._rope(qh, kh, cos, sin)
-                        vh = v_all.view(B, T, -1, hd).transpose(1, 2)
-                        if flash is not None:
-                            if self.rep > 1:
-                                kh, vh = kh.repeat_interleave(self.rep, 1), vh.repeat_interleave(self.rep, 1)
-                            o_all, lse_all = flash_attention_cpu(qh, kh, vh, flash[0], flash[1], base.scaling)
-                        else:
-                            o_all, _ = attend(_GroupsView(base, self.rep), qh, kh, vh, attention_mask,
-                                              dropout=0.0, scaling=base.scaling, **extra)  # (B, T, H, hd)
                         scores = head_scores(o_all, mask, metric, op.weight)
-                        del qh, kh, vh
                         if rt.config.attn_unit == "kv_group":
                             scores = group_scores(scores, self.n_kv)
                     units = self._choose(k, scores, x.device)
@@ -408,9 +421,13 @@ class SATAttention(_SATModule):
                 qcols, kvcols = head_columns(heads, hd), head_columns(groups, hd)
                 q_k = _select_heads(q_all, heads, hd)
                 k_k, v_k = _select_heads(k_all, groups, hd), _select_heads(v_all, groups, hd)
+                if dense_forward:  # the output projection over every head: 2 N d d_attn FLOPs
+                    y_all = F.linear(o_all.reshape(B, T, -1), op.weight, op.bias)
                 if flash is not None:  # (B, T, h_kept, hd) and (B, h_kept, T)
                     o_kept, lse_kept = o_all.index_select(2, heads), lse_all.index_select(1, heads)
-                    del o_all, lse_all
+                    del lse_all
+                if attend_all:
+                    del o_all
                 del q_all, k_all, v_all
             q, key, val = _kept_linears(x, [qp, kp, vp], [qcols, kvcols, kvcols], [q_k, k_k, v_k])
 
@@ -435,4 +452,4 @@ class SATAttention(_SATModule):
                 if rt.config.attn_unit == "kv_group":
                     obs = group_scores(obs, obs.shape[0] // self.rep)
                 self._observe(units, obs)
-        return col_linear(o.reshape(B, T, -1), op.weight, heads, op.bias, hd), None  # (B, T, d)
+        return col_linear(o.reshape(B, T, -1), op.weight, heads, op.bias, hd, out=y_all), None  # (B, T, d)
