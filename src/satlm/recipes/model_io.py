@@ -13,7 +13,14 @@ from ..run_config import EMBEDDED
 
 
 def resolve_model_path(spec: str) -> str:
-    """A local folder or hub name; `embedded` is satlm's tiny pretrained base model."""
+    """A local folder or hub name; `embedded` is satlm's tiny pretrained base model; a name `satlm fetch` knows
+    (smollm2-135m) is its converted folder in satlm's cache; a local .gguf file is converted once into it."""
+    from .fetch import KNOWN_MODELS, gguf_model_path, known_model_path
+
+    if spec in KNOWN_MODELS:
+        return known_model_path(spec)
+    if spec.endswith(".gguf"):
+        return gguf_model_path(spec)
     if spec != EMBEDDED:
         return spec
     try:
