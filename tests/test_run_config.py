@@ -131,6 +131,9 @@ def test_every_shipped_config_loads_and_opens_with_its_command(folder):
         if name.startswith("demo"):
             assert cfg.model == "embedded" and cfg.data.train == "embedded"
             assert cfg.sat.source == "current" and cfg.sat.schedule == "ladder" and cfg.sat.omission_rate == 0.5
+        elif name.startswith("real"):  # the real model of `satlm fetch`, on the CPU, with the embedded data
+            assert cfg.model == "smollm2-135m" and cfg.data.train == "embedded" and cfg.precision == "auto"
+            assert cfg.eval_steps and cfg.max_steps // cfg.eval_steps >= 4  # enough evals for time-to-quality
         else:
             assert cfg.model != "embedded" and cfg.precision == "bf16"
 

@@ -57,7 +57,7 @@ def test_cpt_sat_run_writes_the_run_directory(tmp_path, tiny_model_dir, tiny_dat
         assert set(METRIC_FIELDS) <= set(r) and math.isfinite(r["loss"])
         assert (r["attn_omission_rate"], r["mlp_omission_rate"]) == (0.25, 0.5)
         assert r["tokens"] == r["step"] * 4 * 32 and r["tokens_per_second"] > 0
-    assert [e["step"] for e in _records(out / "eval.jsonl")] == [3, 6]
+    assert [e["step"] for e in _records(out / "eval.jsonl")] == [0, 3, 6]  # step 0: where the curve starts
     assert json.loads((out / "summary.json").read_text()) == summary
     assert set(SUMMARY_FIELDS) <= set(summary) and summary["steps"] == 6 and summary["tokens"] == 6 * 4 * 32
     assert summary["eval_perplexity"] == pytest.approx(math.exp(summary["eval_loss"]))

@@ -25,6 +25,7 @@ TASKS = ("cpt", "sft")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEMPLATES = ("auto", "builtin", "chat")
 TRUNCATIONS = ("truncate", "error")
+BUDGETS = ("tokens", "time")
 EMBEDDED = "embedded"  # sentinel for `model:` and `data.*`: the demo assets that ship with satlm
 SHIPPED_CONFIGS = "configs"  # package-data folder (src/satlm/configs); top-level configs/ links to it
 
@@ -140,6 +141,11 @@ class RunConfig:
     """true: continue from the newest checkpoint-N in output_dir; a path: from that checkpoint."""
     overwrite: bool = False
     """Replace a previous run in output_dir (only the files a run writes are removed)."""
+    budget: str = "tokens"
+    """`satlm compare` only. tokens: both sides train max_steps steps (the same tokens, in the same order).
+    time: the SAT side gets the dense side's training time instead: its steps are estimated from its own
+    measured step time (each scheduled rate timed against dense before it starts), its LR and SAT schedules
+    laid over those steps; it answers which model is better for the same compute time."""
     trainer_args: dict = field(default_factory=dict)
     """Extra transformers.TrainingArguments (fsdp, deepspeed, ...), passed through as given."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -150,6 +156,7 @@ class RunConfig:
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("data.template", self.data.template, TEMPLATES)
         _one_of("data.truncation", self.data.truncation, TRUNCATIONS)
+        _one_of("budget", self.budget, BUDGETS)
         for key in ("max_steps", "batch_size", "grad_accum", "logging_steps"):
             _at_least(key, getattr(self, key), 1)
         _at_least("seq_len", self.seq_len, 2)

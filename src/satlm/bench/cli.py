@@ -20,7 +20,8 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_":
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="satlm bench", description=__doc__)
-    p.add_argument("--model", help="a local HF checkpoint, or 'embedded' for satlm's base model")
+    p.add_argument("--model", help="a local HF checkpoint, 'embedded' for satlm's base model, or a fetched model "
+                                   "(smollm2-135m)")
     p.add_argument("--preset", choices=["tinyllama-1.1b", "llama2-7b", "llama2-13b"],
                    help="published model shape (random weights); combine with --layers to fit memory")
     p.add_argument("--per-layer", action="store_true", help="time one decoder layer only (the sparsified part)")
@@ -36,6 +37,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--sources", default="current,history", help="comma list of current, history")
     p.add_argument("--rates", default="0.25,0.5,0.75", help="comma list of omission rates in (0, 1)")
+    p.add_argument("--forwards", default="sparse",
+                   help="comma list of sparse, dense (sat.forward; dense runs with source current only)")
+    p.add_argument("--attn-rate", type=float,
+                   help="attention omission rate of every variant (e.g. 0: heads off); default: the rate")
+    p.add_argument("--selection", default="sample", choices=["sample", "topk", "random"])
     p.add_argument("--attn-unit", default="head", choices=["head", "kv_group"])
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--warmup", type=int, default=3)
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import PRESETS, Bench, Shape, build_model, kept_size_model, run, summarize
 
     sources = _parse_list(args.sources, "sources", str, ("current", "history"))
+    forwards = tuple(_parse_list(args.forwards, "forwards", str, ("sparse", "dense")))
     rates = _parse_list(args.rates, "rates", float)
     bad = [r for r in rates if not 0.0 < r < 1.0]
     if bad:
@@ -99,15 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_layer:
         shape.layers = 1
     model_path = args.model
-    if model_path == "embedded":
-        from ..assets import base_model_path
+    if model_path:  # embedded, a name `satlm fetch` knows, a .gguf file, or a folder
+        from ..recipes.model_io import resolve_model_path
 
-        model_path = str(base_model_path())
+        model_path = resolve_model_path(model_path)
     dtype = getattr(torch, args.dtype)
     model = build_model(shape, model_path, dtype, device, args.seq_len, args.attn_implementation)
     cfg = model.config
+    if args.attn_rate is not None and not 0.0 <= args.attn_rate < 1.0:
+        raise SystemExit(f"satlm bench: --attn-rate {args.attn_rate} outside [0, 1)")
     bench = Bench(model, per_layer=args.per_layer, batch_size=args.batch_size, seq_len=args.seq_len,
-                  device=device, attn_unit=args.attn_unit)
+                  device=device, attn_unit=args.attn_unit, attn_rate=args.attn_rate, selection=args.selection)
 
     what = "one decoder layer" if args.per_layer else f"{cfg.num_hidden_layers} layers"
     print(f"satlm bench: {what}, d={cfg.hidden_size} f={cfg.intermediate_size} heads={cfg.num_attention_heads}"
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         kept_size = {r: Bench(kept_size_model(model, r, args.attn_unit), per_layer=args.per_layer,
                               batch_size=args.batch_size, seq_len=args.seq_len, device=device,
                               attn_unit=args.attn_unit) for r in rates}
-    variants = run(bench, sources, rates, args.warmup, args.repeats, progress, kept_size)
+    variants = run(bench, sources, rates, args.warmup, args.repeats, progress, kept_size, forwards)
     dense, rows = summarize(variants, bench.tokens)
     print(" " * 20, end="\r", file=sys.stderr)
     print(format_table(dense, rows, device))
@@ -137,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                   "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
                   "layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size, "per_layer": args.per_layer,
                   "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
-                  "attn_unit": args.attn_unit, "attn_implementation": cfg._attn_implementation},
+                  "attn_unit": args.attn_unit, "attn_implementation": cfg._attn_implementation,
+                  "attn_rate": args.attn_rate, "selection": args.selection},
         "dense": dense,
         "results": rows,
     }
@@ -152,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
 def format_table(dense: dict, rows: list[dict], device: str) -> str:
     mem = "peak MiB" if device.startswith("cuda") else "saved MiB"
     kept = any("kept_size_speedup" in r for r in rows)
-    head = f"{'source':<8} {'rate':>5} {'ideal':>6} {'speedup':>8} {'effic.':>7} {'tokens/s':>10} {mem:>10} {'spread':>7}"
+    head = f"{'source':<14} {'rate':>5} {'ideal':>6} {'speedup':>8} {'effic.':>7} {'tokens/s':>10} {mem:>10} {'spread':>7}"
     head += f" {'kept-size':>9}" if kept else ""
     lines = [head, "-" * len(head)]
     for r in [dense] + rows:
-        line = (f"{r['source']:<8} {r['rate']:>5.2f} {r['ideal_speedup']:>6.2f} {r['speedup']:>7.2f}x "
+        name = r["source"] + ("/dense" if r.get("forward") == "dense" and r["source"] != "dense" else "")
+        line = (f"{name:<14} {r['rate']:>5.2f} {r['ideal_speedup']:>6.2f} {r['speedup']:>7.2f}x "
                 f"{r['efficiency']:>7.2f} {r['tokens_per_second']:>10,.0f} "
                 f"{r['peak_memory_bytes'] / 2**20:>10.1f} {r['spread']:>7.1%}")
         if kept:
@@ -175,8 +186,11 @@ def plot(record: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, source in enumerate(sorted({r["source"] for r in record["results"]})):
-        rows = sorted((r for r in record["results"] if r["source"] == source), key=lambda r: r["rate"])
+    def label(r):
+        return r["source"] + ("/dense" if r.get("forward") == "dense" else "")
+
+    for i, source in enumerate(sorted({label(r) for r in record["results"]})):
+        rows = sorted((r for r in record["results"] if label(r) == source), key=lambda r: r["rate"])
         rates = [r["rate"] for r in rows]
         color = f"C{i}"
         ax.plot(rates, [r["speedup"] for r in rows], "o-", color=color, label=f"{source} (measured)")

@@ -43,6 +43,7 @@ class Variant:
     name: str
     source: str | None  # None = dense
     rate: float
+    forward: str = "sparse"  # SATConfig.forward
     times: list[float] = field(default_factory=list)
     flops: int = 0
     peak_memory_bytes: int = 0
@@ -122,8 +123,11 @@ class Bench:
     """Holds the model, the data and the step function for whole-model or per-layer timing."""
 
     def __init__(self, model, *, per_layer: bool, batch_size: int, seq_len: int, device: str, attn_unit: str,
-                 seed: int = 0):
+                 seed: int = 0, attn_rate: float | None = None, selection: str = "sample"):
         self.model, self.per_layer, self.device = model, per_layer, device
+        # The attention omission rate of every variant: None = the variant's rate (heads and channels alike).
+        self.attn_rate = (lambda rate: None) if attn_rate is None else (lambda rate: attn_rate)
+        self.selection = selection
         apply_sat(model, SATConfig(omission_rate=0.5, schedule="constant", attn_unit=attn_unit, seed=seed))
         self.runtime = model.sat_runtime
         g = torch.Generator().manual_seed(seed)
@@ -159,8 +163,9 @@ class Bench:
                 yield
             return
         cfg = self.runtime.config
-        self.runtime.config = SATConfig(omission_rate=v.rate, schedule="constant", source=v.source,
-                                        attn_unit=cfg.attn_unit, seed=cfg.seed)
+        self.runtime.config = SATConfig(omission_rate=v.rate, attn_omission_rate=self.attn_rate(v.rate),
+                                        schedule="constant", source=v.source, attn_unit=cfg.attn_unit,
+                                        seed=cfg.seed, forward=v.forward, selection=self.selection)
         self.runtime.set_step(0, None)
         try:
             yield
@@ -242,11 +247,14 @@ class Bench:
 
 
 def run(bench: Bench, sources: list[str], rates: list[float], warmup: int, repeats: int,
-        progress=None, kept_size: dict[float, Bench] | None = None) -> list[Variant]:
-    """Dense, then each source at each rate, then (kept_size: rate -> Bench of a kept-size dense model) the
-    kept-size dense models, all timed round-robin: one full step each per round."""
+        progress=None, kept_size: dict[float, Bench] | None = None, forwards: tuple[str, ...] = ("sparse",)
+        ) -> list[Variant]:
+    """Dense, then each source (and forward: sparse, dense; history runs sparse only) at each rate, then
+    (kept_size: rate -> Bench of a kept-size dense model) the kept-size dense models, all timed round-robin:
+    one full step each per round."""
     variants = [Variant("dense", None, 0.0)]
-    variants += [Variant(f"{s}@{r:g}", s, r) for s in sources for r in rates]
+    variants += [Variant(f"{s}@{r:g}" if fw == "sparse" else f"{s}/dense@{r:g}", s, r, fw)
+                 for s in sources for fw in forwards for r in rates if not (s == "history" and fw == "dense")]
     variants += [Variant(f"kept-size@{r:g}", None, r, bench=b) for r, b in (kept_size or {}).items()]
     for v in variants:  # warm-up, FLOPs (history: after its statistics are seeded) and memory
         b = v.bench or bench
@@ -274,7 +282,8 @@ def summarize(variants: list[Variant], tokens: int) -> tuple[dict, list[dict]]:
         ideal = dense.flops / v.flops if v.flops else float("nan")
         speed = d_med / med
         q = statistics.quantiles(v.times, n=4) if len(v.times) >= 2 else [med, med, med]
-        return {"source": v.source or "dense", "rate": v.rate, "ideal_speedup": ideal, "speedup": speed,
+        return {"source": v.source or "dense", "forward": v.forward if v.source else "dense", "rate": v.rate,
+                "ideal_speedup": ideal, "speedup": speed,
                 "efficiency": speed / ideal if ideal else float("nan"), "tokens_per_second": tokens / med,
                 "peak_memory_bytes": v.peak_memory_bytes, "step_seconds_median": med,
                 "step_seconds_iqr": q[2] - q[0], "spread": (q[2] - q[0]) / med, "flops": v.flops,

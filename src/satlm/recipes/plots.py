@@ -58,8 +58,11 @@ def plot_run(run_dir: Path) -> Path | None:
     return out
 
 
-def plot_compare(runs: dict[str, Path], out: Path) -> Path:
-    """compare.png: training and eval loss against tokens and against wall-clock seconds, one line per run."""
+def plot_compare(runs: dict[str, Path], out: Path, target: float | None = None, reached: float | None = None,
+                 reached_tokens: float | None = None) -> Path:
+    """compare.png: training and eval loss against tokens and against training time (evaluation and saving
+    excluded), one line per run; dense's final eval loss as a line and where SAT first reaches it (target,
+    reached in training seconds, reached_tokens) as a mark."""
     plt = _pyplot()
     fig, (ax_tok, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (label, run_dir) in enumerate(runs.items()):
@@ -69,20 +72,43 @@ def plot_compare(runs: dict[str, Path], out: Path) -> Path:
             continue
         color = f"C{i}"
         smooth = _ema([r["loss"] for r in records])
-        ax_tok.plot([r["tokens"] for r in records], smooth, color=color, label=f"{label} train (EMA)")
-        ax_time.plot([r["elapsed_seconds"] for r in records], smooth, color=color, label=f"{label} train (EMA)")
+        train_label = f"{label} train (EMA)"
+        if label == "sat" and _thinned(run_dir):
+            train_label += ", thinned forward"
+        ax_tok.plot([r["tokens"] for r in records], smooth, color=color, alpha=0.6, label=train_label)
+        ax_time.plot([r["train_seconds"] for r in records], smooth, color=color, alpha=0.6, label=train_label)
         if evals:
             ax_tok.plot([e["tokens"] for e in evals], [e["eval_loss"] for e in evals], "o--", color=color,
                         label=f"{label} eval")
-            ax_time.plot([e["elapsed_seconds"] for e in evals], [e["eval_loss"] for e in evals], "o--",
-                         color=color, label=f"{label} eval")
+            ax_time.plot([e.get("train_seconds", e["elapsed_seconds"]) for e in evals],
+                         [e["eval_loss"] for e in evals], "o--", color=color, label=f"{label} eval")
+    if target is not None:
+        for ax in (ax_tok, ax_time):
+            ax.axhline(target, color="grey", lw=0.8, ls=":", label="dense final eval loss")
+        if reached is not None:
+            ax_time.plot([reached], [target], marker="*", ms=14, color="C1", ls="none", label="SAT reaches it")
+        if reached_tokens is not None:
+            ax_tok.plot([reached_tokens], [target], marker="*", ms=14, color="C1", ls="none", label="SAT reaches it")
     ax_tok.set(xlabel="training tokens", ylabel="loss", title="loss vs tokens")
-    ax_time.set(xlabel="wall-clock seconds", ylabel="loss", title="loss vs wall-clock")
+    ax_time.set(xlabel="training seconds (evaluation and saving excluded)", ylabel="loss",
+                title="loss vs training time")
     for ax in (ax_tok, ax_time):
-        ax.legend()
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _thinned(run_dir: Path) -> bool:
+    """Did this SAT run's forward omit units (sat.forward=sparse), so that its training loss is not the model's?"""
+    import yaml
+
+    cfg = Path(run_dir) / "config.yaml"
+    try:
+        sat = (yaml.safe_load(cfg.read_text()) or {}).get("sat") or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return bool(sat.get("enabled")) and sat.get("forward", "sparse") == "sparse"

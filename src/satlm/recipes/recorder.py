@@ -103,6 +103,11 @@ class RunRecorder(TrainerCallback):
                                 dynamic_ncols=True)
         self.t0 = self.mark = time.perf_counter()
         self.last = (state.num_input_tokens_seen, self.train_offset)
+        if self.eval_steps and step == 0 and not self.evals:
+            # Where the curve starts (the base model), so that time- and tokens-to-quality can be read off
+            # between evaluations from the first one on; not training time.
+            self.run_eval(state)
+            self.mark = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -165,7 +170,8 @@ class RunRecorder(TrainerCallback):
         self.excluded += time.perf_counter() - start
         record = {"step": state.global_step, "eval_loss": result["loss"],
                   "eval_perplexity": result["perplexity"], "eval_tokens": result["tokens"],
-                  "tokens": state.num_input_tokens_seen, "elapsed_seconds": self.elapsed()}
+                  "tokens": state.num_input_tokens_seen, "elapsed_seconds": self.elapsed(),
+                  "train_seconds": self.train_seconds()}
         self.evals.append(record)
         if self.main:
             with open(self.out_dir / EVAL_NAME, "a") as f:
