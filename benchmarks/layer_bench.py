@@ -3,8 +3,8 @@
     python benchmarks/layer_bench.py            # d=512, f=1408, 8 heads, T=256, B=8, fp32 (the core issue's shape)
     python benchmarks/layer_bench.py --repeats 40 --json layer.json
 
-Extra flags are passed to `satlm bench` (which re-executes itself with the allocator settings of
-PERF-NOTES.md on the CPU). The whole-model and GPU variants are `satlm bench` without --per-layer.
+Extra flags are passed to `satlm bench` (which re-executes itself with its allocator settings on the CPU:
+satlm.bench.cli.ALLOCATOR_ENV). The whole-model and GPU variants are `satlm bench` without --per-layer.
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""FLOPs of one SAT training step, counted by torch.utils.flop_counter, against SAT-METHOD.md's accounting.
+"""FLOPs of one SAT training step, counted by torch.utils.flop_counter, against docs/method.md's accounting.
 
 The model uses eager attention, whose core (Q K^T and P V matmuls) FlopCounterMode counts. The core is
 counted as implemented: in `current` mode it runs once over every head to score them (no autograd) and

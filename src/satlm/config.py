@@ -46,7 +46,7 @@ def closest_key(key: str, allowed) -> str:
 
 @dataclass
 class SATConfig:
-    """Sparsity-Accelerated Training settings (see SAT-METHOD.md)."""
+    """Sparsity-Accelerated Training settings (see docs/method.md)."""
 
     omission_rate: float = 0.5
     """Maximum fraction of units omitted per step; the schedule scales it down over training."""

@@ -10,7 +10,7 @@ import platform
 import sys
 
 # glibc's allocator returns big blocks to the OS and faults them in again, which inflates the dense
-# baseline when variants are interleaved (PERF-NOTES.md); glibc reads these only at process start.
+# baseline when variants are interleaved (measured: BENCHMARKS.md); glibc reads these only at process start.
 # 32 MiB is glibc's largest mmap threshold, and blocks of that size or more (the logits of B=4 x T=256 x
 # vocab 8192 in fp32 are exactly 32 MiB) were still mapped afresh on every dense step (~24,600 page faults a
 # step, none in the SAT steps): MALLOC_MMAP_MAX_=0 serves every block from the heap, so no variant pays them.

@@ -1,4 +1,4 @@
-"""Unit importance from activations, over the batch's non-padding tokens (SAT-METHOD.md, Importance).
+"""Unit importance from activations, over the batch's non-padding tokens (docs/method.md, Importance).
 
 All reductions are elementwise or norms (no matmuls except the `output` head metric's small Grams), so
 the FLOPs of a step stay those of the projections.

