@@ -96,15 +96,15 @@ def parse_case(case: str) -> tuple[str, str, str, str, bool]:
 @contextlib.contextmanager
 def scores_reduced(enabled: bool):
     """noreduce: every rank keeps the units its own tokens rank highest (what satlm must not do)."""
-    from satlm.modeling import layers
+    from satlm.modeling import selector
 
-    original = layers.reduce_scores
+    original = selector.reduce_scores
     if not enabled:
-        layers.reduce_scores = lambda scores, metric="l2": scores
+        selector.reduce_scores = lambda scores, metric="l2": scores
     try:
         yield
     finally:
-        layers.reduce_scores = original
+        selector.reduce_scores = original
 
 
 def wrap_model(model, wrap: str, world: int):

@@ -1,8 +1,10 @@
 """satlm: Sparsity-Accelerated Training for Hugging Face decoder LLMs."""
 
 from .config import SATConfig, SATConfigError
-from .modeling.adapters import ADAPTERS, UnsupportedModelError
-from .modeling.layers import SATAttention, SATMLP
+from .modeling.adapters import ADAPTERS
+from .modeling.attention import SATAttention
+from .modeling.families import FAMILIES, UnsupportedModelError
+from .modeling.mlp import SATMLP
 from .modeling.patch import (
     apply_sat,
     disable_sat,
@@ -17,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADAPTERS",
+    "FAMILIES",
     "SATAttention",
     "SATConfig",
     "SATConfigError",

@@ -15,51 +15,15 @@ stopped by SIGINT / SIGTERM exits with 130 / 143 after saving a checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Callable, Sequence
 
 from .config import SATConfigError, closest_key
 from .errors import SATLMError
-from .modeling.adapters import UnsupportedModelError
+from .modeling.families import UnsupportedModelError
+from .run_config import DEFAULT_COMPARE_CONFIG, parse_run_args  # noqa: F401  (satlm.cli.parse_run_args, as before)
 
-DEFAULT_COMPARE_CONFIG = "demo-cpt"  # configs/demo-cpt.yaml, shipped inside the package
 EXPECTED_ERRORS = (SATLMError, SATConfigError, UnsupportedModelError)
-
-
-def parse_run_args(command: str, argv: Sequence[str] | None, config_required: bool):
-    """CONFIG [key=value ...] [--resume] [--print-config] -> RunConfig, or None after --print-config."""
-    from .run_config import load_run_config
-
-    parser = argparse.ArgumentParser(
-        prog=f"satlm {command}",
-        description="Config keys: see `satlm keys`. Values are YAML: 0.5, true, null, [0, -1].",
-    )
-    parser.add_argument("items", nargs="*", metavar="CONFIG | key=value",
-                        help="a YAML config (path, or a shipped name such as demo-cpt) then key=value overrides"
-                        + ("" if config_required else f"; default config: {DEFAULT_COMPARE_CONFIG}"))
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (resume=true)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(list(argv or []))
-    config, overrides = None, []
-    for item in args.items:
-        if "=" in item:
-            overrides.append(item)
-        elif config is None and not overrides:
-            config = item
-        else:
-            parser.error(f"{item!r} is neither the config (which comes first) nor a key=value override")
-    if config is None:
-        if config_required:
-            parser.error("a config is required, e.g. `satlm train configs/demo-cpt.yaml` (or: demo-cpt)")
-        config = DEFAULT_COMPARE_CONFIG
-    if args.resume:
-        overrides.append("resume=true")
-    cfg = load_run_config(config, overrides)
-    if args.print_config:
-        print(cfg.to_yaml(), end="")
-        return None
-    return cfg
 
 
 def _quiet_transformers() -> None:

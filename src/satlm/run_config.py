@@ -450,6 +450,44 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = (
     return RunConfig.from_dict(apply_overrides(raw, overrides))
 
 
+DEFAULT_COMPARE_CONFIG = "demo-cpt"  # configs/demo-cpt.yaml, shipped inside the package
+
+
+def parse_run_args(command: str, argv: Sequence[str] | None, config_required: bool):
+    """CONFIG [key=value ...] [--resume] [--print-config] -> RunConfig, or None after --print-config."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=f"satlm {command}",
+        description="Config keys: see `satlm keys`. Values are YAML: 0.5, true, null, [0, -1].",
+    )
+    parser.add_argument("items", nargs="*", metavar="CONFIG | key=value",
+                        help="a YAML config (path, or a shipped name such as demo-cpt) then key=value overrides"
+                        + ("" if config_required else f"; default config: {DEFAULT_COMPARE_CONFIG}"))
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (resume=true)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(list(argv or []))
+    config, overrides = None, []
+    for item in args.items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None and not overrides:
+            config = item
+        else:
+            parser.error(f"{item!r} is neither the config (which comes first) nor a key=value override")
+    if config is None:
+        if config_required:
+            parser.error("a config is required, e.g. `satlm train configs/demo-cpt.yaml` (or: demo-cpt)")
+        config = DEFAULT_COMPARE_CONFIG
+    if args.resume:
+        overrides.append("resume=true")
+    cfg = load_run_config(config, overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return None
+    return cfg
+
+
 __all__ = [
     "DataConfig",
     "RunConfig",
@@ -458,6 +496,7 @@ __all__ = [
     "config_keys",
     "find_config",
     "load_run_config",
+    "parse_run_args",
     "read_config_file",
     "shipped_configs",
     "EMBEDDED",

@@ -152,20 +152,22 @@ def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 # Positions of _SwiGLU.forward's inputs, for ctx.needs_input_grad (named: an off-by-one here once dropped the
-# gradients of frozen-neighbour weights silently).
-_X, _WG, _WU, _WD, _BG, _BU, _BD = 0, 6, 7, 8, 9, 10, 11
+# gradients of frozen-neighbour weights silently). The gate/up weights, their row indices and biases follow _N.
+_X, _WD, _BD, _N = 0, 6, 7, 8
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, idx, g, u, h, y, wg, wu, wd, bg, bu, bd):
+    def forward(ctx, x, idx, g, u, h, y, wd, bd, n, *tensors):
+        weights, rows, biases = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         k = idx.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         if g is None:  # history mode: one GEMM over the kept gate and up rows
             b = None
-            if bg is not None or bu is not None:
-                b = torch.cat([bi.index_select(0, idx) if bi is not None else wg.new_zeros(k) for bi in (bg, bu)])
-            gu = F.linear(x2, _kept_rows([wg, wu], [idx, idx]), b)  # (N, 2k): 4 N d k FLOPs
+            if any(bi is not None for bi in biases):
+                b = torch.cat([bi.index_select(0, r) if bi is not None else x2.new_zeros(r.shape[0])
+                               for bi, r in zip(biases, rows)])
+            gu = F.linear(x2, _kept_rows(weights, rows), b)  # (N, 2k): 4 N d k FLOPs
             g, u = gu[:, :k], gu[:, k:]
         else:  # paper mode: computed without autograd while scoring
             g, u = g.detach().reshape(-1, k), u.detach().reshape(-1, k)
@@ -174,33 +176,40 @@ class _SwiGLU(torch.autograd.Function):
             y = F.linear(h, _kept_cols(wd, idx, 1), bd)  # 2 N d k FLOPs
         else:  # forward=dense: the output over every channel, computed without autograd
             y = y.detach().reshape(-1, wd.shape[0])
-        ctx.save_for_backward(x, g, u, wg, wu, wd, idx)
-        ctx.biases = tuple((b.shape, b.dtype) if b is not None else None for b in (bg, bu, bd))
+        ctx.save_for_backward(x, g, u, wd, idx, *weights, *rows)
+        ctx.n = n
+        ctx.biases = tuple((b.shape, b.dtype) if b is not None else None for b in biases)
+        ctx.bd = (bd.shape, bd.dtype) if bd is not None else None
         ctx.mark_non_differentiable(h)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for h, which is not differentiable
         return y.reshape(*x.shape[:-1], y.shape[-1]), h.reshape(*x.shape[:-1], k)
 
     @staticmethod
     def backward(ctx, dy, _dh_unused):
+        n = ctx.n
         if dy is None:  # the output was not used (grads are not materialized)
-            return (None,) * 12
-        x, g, u, wg, wu, wd, idx = ctx.saved_tensors
+            return (None,) * (_N + 1 + 3 * n)
+        x, g, u, wd, idx, *rest = ctx.saved_tensors
+        weights, rows = rest[:n], rest[n:]
         need = ctx.needs_input_grad
+        need_w = need[_N + 1:_N + 1 + n]
+        need_b = [ctx.biases[j] is not None and need[_N + 1 + 2 * n + j] for j in range(n)]
         k = idx.shape[0]
         dtype = dy.dtype
         x2, dy2 = x.reshape(-1, x.shape[-1]).to(dtype), dy.reshape(-1, dy.shape[-1])
         g, u = g.to(dtype), u.to(dtype)
         a = F.silu(g)  # recomputed: nothing of the activation was saved
-        grad_wd = grad_bd = grad_wg = grad_wu = grad_bg = grad_bu = grad_x = None
+        grad_wd = grad_bd = grad_x = None
         if need[_WD]:
             part = dy2.t() @ (a * u).to(dtype)  # (d, k): 2 N d k FLOPs
             grad_wd = _scatter_cols(wd, idx, 1, part.to(wd.dtype))
-        if ctx.biases[2] is not None and need[_BD]:
-            grad_bd = dy2.sum(0).to(ctx.biases[2][1])
-        need_gate = need[_WG] or (ctx.biases[0] is not None and need[_BG])
-        need_up = need[_WU] or (ctx.biases[1] is not None and need[_BU])
-        if not (need[_X] or need_gate or need_up):
-            return None, None, None, None, None, None, None, None, grad_wd, None, None, grad_bd
+        if ctx.bd is not None and need[_BD]:
+            grad_bd = dy2.sum(0).to(ctx.bd[1])
+        grad_ws: list = [None] * n
+        grad_bs: list = [None] * n
+        head = (grad_x, None, None, None, None, None, grad_wd, grad_bd, None)
+        if not (need[_X] or any(need_w) or any(need_b)):
+            return (*head, *grad_ws, *([None] * n), *grad_bs)
         # Elementwise work stays in the layout of g and u: (N, k), or channels first (paper mode: views of (k, N)).
         channels_first = g.dim() == 2 and g.shape[0] > 1 and g.shape[1] > 1 and g.stride(0) == 1
         if channels_first:
@@ -212,32 +221,38 @@ class _SwiGLU(torch.autograd.Function):
         torch.mul(dh, a, out=dgu[:, k:])
         torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=dgu[:, :k])
         if need[_X]:
-            grad_x = (dgu @ _kept_rows([wg, wu], [idx, idx], dtype)).reshape(x.shape).to(x.dtype)  # 4 N d k
-        if need[_WG] and need[_WU]:
+            grad_x = (dgu @ _kept_rows(weights, rows, dtype)).reshape(x.shape).to(x.dtype)  # 4 N d k
+        widths = [r.shape[0] for r in rows]
+        if all(need_w):
             gw = dgu.t() @ x2  # (2k, d): 4 N d k FLOPs
-            grad_wg, grad_wu = _scatter_rows(wg, idx, gw[:k]), _scatter_rows(wu, idx, gw[k:])
-        elif need[_WG]:  # a frozen up projection: no GEMM for its gradient
-            grad_wg = _scatter_rows(wg, idx, dgu[:, :k].t() @ x2)
-        elif need[_WU]:
-            grad_wu = _scatter_rows(wu, idx, dgu[:, k:].t() @ x2)
-        grads_b = []
-        for part, spec, slot in ((dgu[:, :k], ctx.biases[0], _BG), (dgu[:, k:], ctx.biases[1], _BU)):
-            grads_b.append(None if spec is None or not need[slot] else
-                           part.new_zeros(spec[0], dtype=spec[1]).index_copy_(0, idx, part.sum(0).to(spec[1])))
-        grad_bg, grad_bu = grads_b
-        return grad_x, None, None, None, None, None, grad_wg, grad_wu, grad_wd, grad_bg, grad_bu, grad_bd
+            grad_ws = [_scatter_rows(w, r, part) for part, w, r in zip(gw.split(widths, dim=0), weights, rows)]
+        else:  # a frozen gate or up projection: no GEMM for its gradient
+            for j, (part, w, r) in enumerate(zip(dgu.split(widths, dim=1), weights, rows)):
+                if need_w[j]:
+                    grad_ws[j] = _scatter_rows(w, r, part.t() @ x2)
+        for j, (part, r) in enumerate(zip(dgu.split(widths, dim=1), rows)):
+            if need_b[j]:
+                shape, bdtype = ctx.biases[j]
+                grad_bs[j] = part.new_zeros(shape, dtype=bdtype).index_copy_(0, r, part.sum(0).to(bdtype))
+        head = (grad_x, None, None, None, None, None, grad_wd, grad_bd, None)
+        return (*head, *grad_ws, *([None] * n), *grad_bs)
 
 
-def swiglu_mlp(x, idx, gate, up, down, g=None, u=None, h=None, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_mlp(x, idx, weights, rows, biases, down, g=None, u=None, h=None, y=None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """down(silu(gate(x)) * up(x)) over the kept channels idx, and the kept activations H (no gradient).
 
-    x: (..., d); gate/up/down: nn.Linear; idx: (k,) kept channels, ascending; g, u: (..., k) the kept gate
-    and up outputs when already computed (paper mode), else None; h: silu(g) * u when computed too (paper
-    mode, from its scoring pass), else None; y: the MLP's output over every channel when computed already
-    (forward=dense: the value returned; the backward is still over the kept channels), else None. Saves x and
-    the kept gate/up outputs only: the activation is recomputed in the backward.
+    x: (..., d); idx: (k,) kept channels, ascending; weights, rows, biases: the gate and up projections' weights,
+    the row indices of their kept channels and their biases, such that the stacked kept rows are [gate_k | up_k]
+    (two Linears with rows [idx, idx], or one fused [gate | up] Linear with rows [cat(idx, f + idx)]); down: the
+    down projection (nn.Linear); g, u: (..., k) the kept gate and up outputs when already computed (paper mode),
+    else None; h: silu(g) * u when computed too (paper mode, from its scoring pass), else None; y: the MLP's
+    output over every channel when computed already (forward=dense: the value returned; the backward is still
+    over the kept channels), else None. Saves x and the kept gate/up outputs only: the activation is recomputed
+    in the backward.
     """
-    return _SwiGLU.apply(x, idx, g, u, h, y, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
+    n = len(weights)
+    return _SwiGLU.apply(x, idx, g, u, h, y, down.weight, down.bias, n, *weights, *rows, *biases)
 
 
 # -- paper mode: the kept heads' attention outputs come from the scoring pass ---------------------------------

@@ -23,7 +23,7 @@ from ..config import SATConfig
 from ..modeling.patch import _unwrap, apply_sat, load_sat_state_dict, sat_state_dict, set_sat_step
 
 SAT_STATE_NAME = "sat_state.pt"
-CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
+CHECKPOINT_PREFIX = "checkpoint-"  # transformers' PREFIX_CHECKPOINT_DIR and its dash: checkpoint-<step>
 
 
 class SATCallback(TrainerCallback):
@@ -56,7 +56,7 @@ class SATCallback(TrainerCallback):
             apply_sat(model, self.config)
         if state.global_step > 0:
             folder = self.resume_from_checkpoint or os.path.join(
-                args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
+                args.output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")
             path = os.path.join(folder, SAT_STATE_NAME)
             if os.path.isfile(path):
                 load_sat_state_dict(model, torch.load(path, map_location="cpu", weights_only=True))
@@ -82,7 +82,7 @@ class SATCallback(TrainerCallback):
         # or each node's first process with save_on_each_node=True, for nodes that share no file system).
         if not args.should_save:
             return
-        folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")
         if os.path.isdir(folder):
             # Whole or absent: a process killed while writing leaves only the temporary name behind.
             path = os.path.join(folder, SAT_STATE_NAME)

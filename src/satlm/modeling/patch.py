@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-import torch
 import torch.nn as nn
 
 from ..config import SATConfig, SATConfigError
-from .adapters import UnsupportedModelError, adapter_for, get_path
-from .layers import SATAttention, SATMLP, SATRuntime, _SATModule
+from .attention import SATAttention
+from .base import _SATModule
+from .families import Layout, UnsupportedModelError, decoder_layers, get_path, layout_for
+from .mlp import SATMLP
+from .proj import plain_linear
+from .runtime import SATRuntime
+from .selfcheck import check_structure, self_check
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -49,19 +53,34 @@ def _resolve_layers(config: SATConfig, n_layers: int) -> list[int]:
     return sorted(out)
 
 
-def _check_linear(module: nn.Module, where: str) -> None:
-    if type(module) is not nn.Linear:
-        raise UnsupportedModelError(
-            f"{where} is a {type(module).__name__}; SAT slices plain torch.nn.Linear weights only "
-            "(apply SAT before adapters or quantization wrappers)"
-        )
+def _checked(module: nn.Module | None, names: tuple[str, ...], known: set[str], where: str, layout: Layout):
+    """The module if SAT can wrap it: every projection the layout names is there and a plain Linear, and no
+    child module is unknown. A missing module (a layer without attention, say) is None."""
+    if module is None:
+        return None
+    for name in names:
+        try:
+            sub = get_path(module, name)
+        except AttributeError:
+            raise UnsupportedModelError(f"{where} ({type(module).__name__}) has no {name!r}, which satlm's "
+                                        f"{layout.family} layout expects") from None
+        plain_linear(sub, f"{where}.{name}")
+    check_structure(module, known, where, layout.family)
+    return module
+
+
+def _dense_mlp(mlp: nn.Module | None, layout: Layout) -> bool:
+    """A dense MLP with the layout's projections (in a MoE family, the experts are not)."""
+    return mlp is not None and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in layout.mlp_projections())
 
 
 def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Module:
     """Wrap the attention and MLP of each chosen decoder layer in place; return the model.
 
-    The original modules are kept as `base_layer` and swapped through their parent layer, so that
-    `remove_sat` puts the very same objects back.
+    The original modules are kept as `base_layer` and swapped through their parent layer, so that `remove_sat`
+    puts the very same objects back. Raises UnsupportedModelError (nothing changed) for a model, module or
+    parameter SAT cannot train exactly, including when the self-check (modeling/selfcheck.py) finds that SAT's
+    path with every unit kept does not reproduce a module.
     """
     if config is None:
         config = SATConfig()
@@ -72,24 +91,37 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
     config.validate()
     if getattr(model, "sat_runtime", None) is not None:
         raise ValueError("SAT is already applied to this model; call satlm.remove_sat(model) first")
-    adapter = adapter_for(model)
-    layers = get_path(model, adapter.layers)
+    layout = layout_for(model)
+    layers = decoder_layers(model, layout)
     chosen = _resolve_layers(config, len(layers))
-    for i in chosen:
-        attn, mlp = get_path(layers[i], adapter.attn), get_path(layers[i], adapter.mlp)
-        for name in (adapter.q, adapter.k, adapter.v, adapter.o):
-            _check_linear(get_path(attn, name), f"layers[{i}].{adapter.attn}.{name}")
-        for name in (adapter.gate, adapter.up, adapter.down):
-            _check_linear(get_path(mlp, name), f"layers[{i}].{adapter.mlp}.{name}")
-
-    runtime = SATRuntime(config, adapter)
+    plan = []
     for i in chosen:
         layer = layers[i]
-        setattr(layer, adapter.attn, SATAttention(get_path(layer, adapter.attn), runtime, i))
-        setattr(layer, adapter.mlp, SATMLP(get_path(layer, adapter.mlp), runtime, i))
+        attn = _checked(getattr(layer, layout.attn, None), layout.attn_projections(), layout.known_attn_children(),
+                        f"layers[{i}].{layout.attn}", layout)
+        mlp = getattr(layer, layout.mlp, None)
+        if layout.moe and not _dense_mlp(mlp, layout):
+            mlp = None  # experts: left as they are
+        mlp = _checked(mlp, layout.mlp_projections(), layout.known_mlp_children(), f"layers[{i}].{layout.mlp}", layout)
+        if attn is not None:
+            cfg = attn.config
+            heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            if heads % kv:
+                raise UnsupportedModelError(f"layers[{i}].{layout.attn}: {heads} query heads do not split into {kv} "
+                                            "KV groups")
+        plan.append((i, layer, attn, mlp))
 
-    owner_path = adapter.layers.rpartition(".")[0]
-    owner = get_path(model, owner_path) if owner_path else model
+    runtime = SATRuntime(config, layout)
+    wrapped: list[_SATModule] = []
+    for i, layer, attn, mlp in plan:
+        if attn is not None:
+            setattr(layer, layout.attn, SATAttention(attn, runtime, i))
+            wrapped.append(getattr(layer, layout.attn))
+        if mlp is not None:
+            setattr(layer, layout.mlp, SATMLP(mlp, runtime, i))
+            wrapped.append(getattr(layer, layout.mlp))
+
+    owner = getattr(model, "base_model", model)
 
     def _begin_forward(module, args, kwargs):
         if module.training:
@@ -99,6 +131,11 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
     model.sat_runtime = runtime
     model.sat_hook = owner.register_forward_pre_hook(_begin_forward, with_kwargs=True)
     model.sat_config = config
+    try:
+        self_check(model, wrapped, layout)
+    except BaseException:
+        remove_sat(model)
+        raise
     return model
 
 
@@ -106,10 +143,9 @@ def remove_sat(model: nn.Module) -> nn.Module:
     """Put the original attention and MLP modules back and remove every SAT attribute and hook."""
     model = _unwrap(model)
     rt = _runtime(model)
-    layers = get_path(model, rt.adapter.layers)
-    for layer in layers:
-        for name in (rt.adapter.attn, rt.adapter.mlp):
-            wrapped = get_path(layer, name)
+    for layer in decoder_layers(model, rt.layout):
+        for name in (rt.layout.attn, rt.layout.mlp):
+            wrapped = getattr(layer, name, None)
             if isinstance(wrapped, _SATModule):
                 setattr(layer, name, wrapped.base_layer)
     model.sat_hook.remove()
@@ -168,14 +204,7 @@ def sat_state(model: nn.Module) -> dict[str, Any]:
 def sat_state_dict(model: nn.Module) -> dict[str, Any]:
     """Everything needed to resume SAT exactly: schedule position, selection RNG states, history statistics."""
     rt = _runtime(model)
-    modules = {}
-    for m in _sat_modules(model):
-        modules[f"{m.sat_layer_idx}.{m.component}"] = {
-            "generator": m._generator.get_state() if m._generator is not None else None,
-            "generator_device": str(m._generator.device) if m._generator is not None else None,
-            "history": m.sat_history.cpu() if m.sat_history is not None else None,
-            "age": m.sat_age.cpu() if m.sat_age is not None else None,
-        }
+    modules = {f"{m.sat_layer_idx}.{m.component}": m.sat_selector.state_dict() for m in _sat_modules(model)}
     return {"step": rt.step, "total_steps": rt.total_steps, "forward_id": rt.forward_id,
             "config": rt.config.to_dict(), "modules": modules}
 
@@ -186,12 +215,5 @@ def load_sat_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
     rt.forward_id = state.get("forward_id", rt.forward_id)
     for m in _sat_modules(model):
         s = state["modules"].get(f"{m.sat_layer_idx}.{m.component}")
-        if s is None:
-            continue
-        device = m.base_layer_device()
-        if s["generator"] is not None:
-            m._generator = torch.Generator(device=device)
-            m._generator.set_state(s["generator"])
-        if s["history"] is not None:
-            m.sat_history = s["history"].to(device)
-            m.sat_age = s["age"].to(device)
+        if s is not None:
+            m.sat_selector.load_state_dict(s, m.base_layer_device())

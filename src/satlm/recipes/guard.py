@@ -40,9 +40,9 @@ from transformers import TrainerCallback
 
 from ..distributed import barrier, is_main_process, world_size
 from ..errors import CheckpointError, NumericalError, RunConfigError, TrainingInterrupted
+from ..integrations.hf_trainer import CHECKPOINT_PREFIX  # one name for checkpoint-<step>
 
 STAGING_DIR = ".tmp-checkpoints"  # inside output_dir: checkpoints being written
-CHECKPOINT_PREFIX = "checkpoint-"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TEST_HOOK_ENV = "SATLM_TEST_HOOK"
 

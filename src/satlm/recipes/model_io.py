@@ -8,7 +8,7 @@ import torch
 
 from ..config import SATConfigError
 from ..errors import ModelLoadError, RunConfigError
-from ..modeling.adapters import ADAPTERS, UnsupportedModelError
+from ..modeling.families import UnsupportedModelError
 from ..run_config import EMBEDDED
 
 
@@ -49,16 +49,19 @@ def load_model_config(path: str):
 
 
 def check_supported(path: str) -> None:
-    """UnsupportedModelError before anything is trained, from the config alone (no weights loaded)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """UnsupportedModelError before anything is trained, from the config alone (no weights loaded): the
+    model_type must be a family of satlm's table (the full checks run when SAT is applied)."""
+    from ..modeling.families import FAMILIES, REFUSED, supported_classes
 
     config = load_model_config(path)
-    names = list(getattr(config, "architectures", None) or [])
-    names.append(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type))
-    if not any(n in ADAPTERS for n in names):
+    name = (list(getattr(config, "architectures", None) or []) or [config.model_type])[0]
+    if config.model_type in REFUSED:
+        raise UnsupportedModelError(f"satlm does not support {name} (model_type {config.model_type!r}) from {path}: "
+                                    f"{REFUSED[config.model_type]}")
+    if config.model_type not in FAMILIES:
         raise UnsupportedModelError(
-            f"satlm does not support {names[0]} (model_type {config.model_type!r}) from {path}; "
-            f"supported model classes: {', '.join(sorted(ADAPTERS))}"
+            f"satlm does not support {name} (model_type {config.model_type!r} has no satlm layout) from {path}; "
+            f"supported model classes: {', '.join(supported_classes())}"
         )
 
 

@@ -300,7 +300,7 @@ def _print_summary(s: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """`satlm train CONFIG.yaml [key=value ...] [--resume]`."""
-    from ..cli import parse_run_args
+    from ..run_config import parse_run_args
 
     cfg = parse_run_args("train", argv, config_required=True)
     if cfg is None:

@@ -1,0 +1,64 @@
+"""SATRuntime: the state shared by every wrapped module of one model (config, schedule position, this forward)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SATConfig
+from ..core.ops import additive_mask
+from ..schedules import scheduled_rates
+from .families import Layout
+
+
+class SATRuntime:
+    """Config, layout, schedule position and what is known about the current training forward."""
+
+    def __init__(self, config: SATConfig, layout: Layout):
+        self.config = config
+        self.layout = layout
+        self.enabled = True
+        self.step = 0
+        self.total_steps: int | None = None
+        self.attn_rate, self.mlp_rate = scheduled_rates(config, 0, None)
+        # Incremented once per training forward of the model. A layer that sees the same id twice is being
+        # recomputed (gradient checkpointing) and must reuse its selection.
+        self.forward_id = 0
+        self.token_mask: torch.Tensor | None = None  # (B, T) of the current batch, 1 = real token
+        # (forward id, attention mask, dtype, its additive form): every layer of a forward gets the same mask,
+        # which paper mode's flash path converts once per forward.
+        self.mask_cache: tuple | None = None
+        # The self-check (selfcheck.py) runs the sparse path with every unit kept.
+        self.keep_all = False
+
+    @property
+    def adapter(self) -> Layout:  # the name before the layout table (kept for callers of 0.1)
+        return self.layout
+
+    def set_step(self, step: int, total_steps: int | None) -> None:
+        self.step, self.total_steps = int(step), (int(total_steps) if total_steps else None)
+        self.attn_rate, self.mlp_rate = scheduled_rates(self.config, self.step, self.total_steps)
+
+    def begin_forward(self, attention_mask) -> None:
+        self.forward_id += 1
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            self.token_mask = attention_mask
+        else:
+            self.token_mask = None
+
+    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The batch's (B, T) token mask when it matches x's batch and length, else None (every token counts)."""
+        m = self.token_mask
+        if m is None or tuple(m.shape) != tuple(x.shape[:2]):
+            return None
+        return m
+
+    def additive_mask_for(self, attention_mask, dtype: torch.dtype):
+        """The attention mask as SDPA's CPU kernels take it, converted once per forward."""
+        cache = self.mask_cache
+        if not (cache and cache[0] == self.forward_id and cache[1] is attention_mask and cache[2] == dtype):
+            self.mask_cache = cache = (self.forward_id, attention_mask, dtype, additive_mask(attention_mask, dtype))
+        return cache[3]
+
+    @property
+    def dense_forward(self) -> bool:
+        return self.config.forward == "dense"

@@ -1,0 +1,102 @@
+"""UnitSelector: which units one wrapped module keeps, step by step.
+
+It owns the module's selection generator, the per-forward cache (a recomputation under gradient checkpointing
+reuses the selection of its forward), the history statistics (source=history) and its own state dict, which
+`sat_state_dict` saves for exact resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..core.selection import select_units, uniform
+from ..distributed import reduce_scores
+from .runtime import SATRuntime
+
+
+class UnitSelector:
+    def __init__(self, runtime: SATRuntime, n_units: int, seed: int):
+        self.runtime = runtime
+        self.n_units = n_units
+        self.seed = seed
+        self.generator_: torch.Generator | None = None
+        self._cache: tuple[int, int, torch.Tensor] | None = None  # (forward id, k, kept units)
+        self._path: tuple[int, bool] = (-1, False)  # (forward id, selected from history)
+        self.history: torch.Tensor | None = None  # running importance per unit (history source)
+        self.age: torch.Tensor | None = None  # steps since each unit was last observed
+        self.last_kept: torch.Tensor | None = None
+        self.last_scores: torch.Tensor | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self.generator_ is None or self.generator_.device.type != torch.device(device).type:
+            self.generator_ = torch.Generator(device=device)
+            self.generator_.manual_seed(self.seed)
+        return self.generator_
+
+    def cached(self, k: int) -> torch.Tensor | None:
+        """The units this forward already selected (a recomputation), or None."""
+        c = self._cache
+        if c is not None and c[0] == self.runtime.forward_id and c[1] == k:
+            return c[2]
+        return None
+
+    def use_history(self) -> bool:
+        """Select from history statistics in this forward? Fixed per forward, so that a recomputation takes the
+        same path even though the first pass seeded the statistics; history delegates to current until then."""
+        rt = self.runtime
+        if self._path[0] != rt.forward_id:
+            self._path = (rt.forward_id, rt.config.source == "history" and self.history is not None)
+        return self._path[1]
+
+    def choose(self, k: int, scores: torch.Tensor | None, device) -> torch.Tensor:
+        """Keep k units by this step's scores (None with the random metric), ascending."""
+        cfg = self.runtime.config
+        if cfg.metric == "random" or scores is None:
+            scores = uniform(self.n_units, self.generator(device))
+        scores = reduce_scores(scores, cfg.metric)
+        idx = select_units(scores, k, cfg.selection, self.generator(device))
+        self._cache = (self.runtime.forward_id, k, idx)
+        self.last_kept, self.last_scores = idx, scores.detach()
+        if cfg.source == "history" and self.history is None:
+            # The first sparse forward in history mode observes every unit (current path) to seed the statistics.
+            self.history = scores.detach().float().clone()
+            self.age = torch.zeros_like(self.history)
+        return idx
+
+    def choose_from_history(self, k: int, device) -> torch.Tensor:
+        cfg = self.runtime.config
+        scores = self.history
+        if cfg.history_exploration > 0:
+            # The score of an unobserved unit doubles every `history_exploration` steps, so any unit overtakes
+            # the kept ones within log2(score ratio) doublings and is observed again.
+            scores = scores * torch.exp2((self.age / cfg.history_exploration).clamp_max(60.0))
+        return self.choose(k, scores, device)
+
+    def observe(self, idx: torch.Tensor, observed: torch.Tensor) -> None:
+        """history: fold this step's scores of the kept units into the running statistics (once per forward)."""
+        cfg = self.runtime.config
+        observed = reduce_scores(observed.detach().float(), cfg.metric)
+        old = self.history.index_select(0, idx)
+        self.history.index_copy_(0, idx, cfg.history_decay * old + (1.0 - cfg.history_decay) * observed)
+        self.age.add_(1.0).index_fill_(0, idx, 0.0)
+
+    def forget_last(self) -> None:
+        self.last_kept = None  # this forward runs dense: every unit is kept
+
+    # -- resume --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        g = self.generator_
+        return {"generator": g.get_state() if g is not None else None,
+                "generator_device": str(g.device) if g is not None else None,
+                "history": self.history.cpu() if self.history is not None else None,
+                "age": self.age.cpu() if self.age is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        if state.get("generator") is not None:
+            self.generator_ = torch.Generator(device=device)
+            self.generator_.set_state(state["generator"])
+        if state.get("history") is not None:
+            self.history = state["history"].to(device)
+            self.age = state["age"].to(device)
