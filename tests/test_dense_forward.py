@@ -1,10 +1,10 @@
 """forward=dense against a reference written here, independently of satlm's code.
 
 The reference runs the plain HF model. At each down and output projection it keeps the forward exact and
-cuts the backward to the kept units: the projection's input H (MLP channels) or O (heads) is split into the
-kept part, which stays on the graph, and the omitted part, which is detached and multiplied by a detached
-weight, so that no gradient flows through an omitted unit and omitted columns of the weight get none (and
-through them, nor do the gate/up rows or q rows of omitted units, or k/v rows of groups with no kept head).
+cuts the backward to the kept units: the projection's output is its value over the whole input H (MLP
+channels) or O (heads), with the gradient of the projection of the kept part only (omitted features zeroed),
+so that no gradient flows through an omitted unit and omitted columns of the weight get none (and through
+them, nor do the gate/up rows or q rows of omitted units, or k/v rows of groups with no kept head).
 Units are chosen by L2 importance of the dense activations over non-padding tokens (top-k). SAT must give
 the dense model's loss, the same gradient for every parameter and exactly zero on omitted slices.
 """
@@ -27,10 +27,20 @@ def keep(n: int, rate: float) -> int:
     return max(1, math.floor((1 - rate) * n + 0.5))
 
 
-def _split_linear(linear, h, m):
-    """linear(h) with the gradient cut to the kept features m (1 kept, 0 omitted) of its input."""
-    kept = F.linear(h * m, linear.weight, linear.bias)
-    return kept + F.linear((h * (1 - m)).detach(), linear.weight.detach())
+def _split_linear(module, h, m):
+    """module(h) in value, with the gradient of module(h * m): cut to the kept input features m (1 kept, 0 omitted).
+    (For a plain Linear that is linear(h * m) + linear(h * (1 - m)) with the second term detached; for a LoRA
+    layer the same for its base and adapter together.) Both calls draw the dropout mask (peft's LoRA dropout)
+    that the module's own forward drew: the random state is rewound to before it (see _rng_before)."""
+    state = module._rng_before
+    torch.set_rng_state(state)
+    kept = module.forward(h * m)
+    torch.set_rng_state(state)
+    return kept + (module.forward(h) - kept).detach()
+
+
+def _rng_before(module, args):
+    module._rng_before = torch.get_rng_state()
 
 
 def reference_step(model, data, rate: float, unit: str, attn_rate: float | None = None):
@@ -66,8 +76,9 @@ def reference_step(model, data, rate: float, unit: str, attn_rate: float | None 
             m[heads] = 1
             return _split_linear(mod, o, m.reshape(-1))
 
-        hooks.append(layer.mlp.down_proj.register_forward_hook(mlp_hook))
-        hooks.append(layer.self_attn.o_proj.register_forward_hook(attn_hook))
+        for mod, hook in ((layer.mlp.down_proj, mlp_hook), (layer.self_attn.o_proj, attn_hook)):
+            hooks.append(mod.register_forward_pre_hook(_rng_before))
+            hooks.append(mod.register_forward_hook(hook))
     loss = model(**data).loss
     loss.backward()
     for h in hooks:

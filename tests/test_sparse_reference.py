@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -55,10 +56,14 @@ def _masked_run(model, data, unit: str, choose):
     return loss.detach(), grads_of(model)
 
 
+def plain_name(name: str) -> str:
+    """A parameter's name without SAT's `base_layer.` (peft's own base_layer, inside a LoRA layer, stays)."""
+    return re.sub(r"\.(self_attn|mlp)\.base_layer\.", r".\1.", name)
+
+
 def grads_of(model) -> dict:
     """Every parameter's gradient under its plain name (None where it has none: frozen)."""
-    return {n.replace("base_layer.", ""): p.grad.clone() if p.grad is not None else None
-            for n, p in model.named_parameters()}
+    return {plain_name(n): p.grad.clone() if p.grad is not None else None for n, p in model.named_parameters()}
 
 
 def reference_step(model, data, rate: float, unit: str):

@@ -14,11 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.importance import group_scores, head_scores
-from ..core.ops import (col_linear, flash_attention_cpu, flash_cpu_available, head_columns, kept_attention, rope,
+from ..core.ops import (flash_attention_cpu, flash_cpu_available, head_columns, kept_attention, rope,
                         same_rope)
 from .base import _SATModule
 from .families import get_path, model_module_function
-from .proj import Rows, plain_linear
+from .proj import Proj, Rows, col_project
 from .runtime import SATRuntime
 
 _ATTN_ARGS = ("hidden_states", "position_embeddings", "attention_mask")
@@ -60,11 +60,11 @@ class SATAttention(_SATModule):
         self._eager = model_module_function(base_layer, "eager_attention_forward")
 
     # -- the layout's pieces, looked up in every sparse forward (a LoRA layer injected after SAT is caught) --
-    def _parts(self) -> tuple[Rows, nn.Linear]:
+    def _parts(self) -> tuple[Rows, Proj]:
         lay, base, hd = self.sat_runtime.layout, self.base_layer, self.head_dim
-        rows = Rows.of(base, [lay.q, lay.k, lay.v], lay.qkv, [self.n_heads * hd, self.n_kv * hd, self.n_kv * hd])
-        rows.check(self.where)
-        return rows, plain_linear(get_path(base, lay.o), f"{self.where}.{lay.o}")
+        rows = Rows.of(base, [lay.q, lay.k, lay.v], lay.qkv, [self.n_heads * hd, self.n_kv * hd, self.n_kv * hd],
+                       self.where)
+        return rows, Proj(get_path(base, lay.o), f"{self.where}.{lay.o}")
 
     def _attention_function(self):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -153,11 +153,15 @@ class SATAttention(_SATModule):
         fresh = units is None
         flash = None  # paper mode only: see _flash_reuse
         y_all = None  # paper mode with forward=dense: the output over every head
+        # LoRA dropout masks, drawn as peft draws them: q, k, v, then o (exact while attention dropout is 0)
+        masks = rows.masks(x, self.training)
+        o_masks = op.masks((B, T, self.n_heads * hd), x, self.training)
+        rows.prepare(x, masks)
         full_norm = lay.qk_norm == "full"
         if full_norm:  # the norm spans every head: q and k at full width, with autograd (separate q/k/v only)
-            q_full = get_path(base, lay.q_norm)(rows.linears[0](x))  # (B, T, H*hd)
-            k_full = get_path(base, lay.k_norm)(rows.linears[1](x))  # (B, T, n_kv*hd)
-            v_rows = Rows(rows.linears[2:], [(0, 0, self.n_kv * hd)])
+            q_full = get_path(base, lay.q_norm)(rows.projs[0].full(x, masks[0]))  # (B, T, H*hd)
+            k_full = get_path(base, lay.k_norm)(rows.projs[1].full(x, masks[1]))  # (B, T, n_kv*hd)
+            v_rows, v_masks = Rows(rows.projs[2:], [(0, 0, self.n_kv * hd)]), masks[2:]
 
         if sel.use_history():
             if fresh:
@@ -165,10 +169,10 @@ class SATAttention(_SATModule):
             heads, groups, kv_map = self._expand(units)
             qcols, kvcols = head_columns(heads, hd), head_columns(groups, hd)
             if full_norm:
-                (val,) = v_rows.kept(x, [kvcols])
+                (val,) = v_rows.kept(x, [kvcols], masks=v_masks)
                 q, key = _select_heads(q_full, heads, hd), _select_heads(k_full, groups, hd)
             else:
-                q, key, val = rows.kept(x, [qcols, kvcols, kvcols])
+                q, key, val = rows.kept(x, [qcols, kvcols, kvcols], masks=masks)
         else:
             # Every head is attended without autograd to score the heads (and, forward=dense, for the output);
             # the kept heads' outputs are taken from that pass when it ran SDPA's CPU flash kernel.
@@ -176,9 +180,9 @@ class SATAttention(_SATModule):
             flash = self._flash_reuse(attend_all, x, attention_mask, dropout, extra)
             with torch.no_grad():
                 if full_norm:
-                    q_all, k_all, v_all = q_full.detach(), k_full.detach(), v_rows.full(x)[0]
+                    q_all, k_all, v_all = q_full.detach(), k_full.detach(), v_rows.full(x, v_masks)[0]
                 else:
-                    q_all, k_all, v_all = rows.full(x)  # (B, T, H*hd), (B, T, n_kv*hd) x2
+                    q_all, k_all, v_all = rows.full(x, masks)  # (B, T, H*hd), (B, T, n_kv*hd) x2
                 if attend_all:
                     qh, kh = self._heads(q_all, k_all, cos, sin)  # (B, H, T, hd), (B, n_kv, T, hd)
                     vh = v_all.view(B, T, -1, hd).transpose(1, 2)
@@ -200,7 +204,7 @@ class SATAttention(_SATModule):
                 heads, groups, kv_map = self._expand(units)
                 qcols, kvcols = head_columns(heads, hd), head_columns(groups, hd)
                 if rt.dense_forward:  # the output projection over every head: 2 N d d_attn FLOPs
-                    y_all = F.linear(o_all.reshape(B, T, -1), op.weight, op.bias)
+                    y_all = op.full_once(o_all.reshape(B, T, -1), o_masks)
                 if flash is not None:  # (B, T, h_kept, hd) and (B, h_kept, T)
                     o_kept, lse_kept = o_all.index_select(2, heads), lse_all.index_select(1, heads)
                     del lse_all
@@ -211,10 +215,10 @@ class SATAttention(_SATModule):
                     q_k, k_k = _select_heads(q_all, heads, hd), _select_heads(k_all, groups, hd)
                 del q_all, k_all, v_all
             if full_norm:
-                (val,) = v_rows.kept(x, [kvcols], [v_k])
+                (val,) = v_rows.kept(x, [kvcols], [v_k], v_masks)
                 q, key = _select_heads(q_full, heads, hd), _select_heads(k_full, groups, hd)
             else:
-                q, key, val = rows.kept(x, [qcols, kvcols, kvcols], [q_k, k_k, v_k])
+                q, key, val = rows.kept(x, [qcols, kvcols, kvcols], [q_k, k_k, v_k], masks)
 
         q, key = self._heads(q, key, cos, sin)  # (B, h_kept, T, hd), (B, g_kept, T, hd)
         val = val.view(B, T, -1, hd).transpose(1, 2)
@@ -236,4 +240,4 @@ class SATAttention(_SATModule):
                 if rt.config.attn_unit == "kv_group":
                     obs = group_scores(obs, obs.shape[0] // self.rep)
                 sel.observe(units, obs)
-        return col_linear(o.reshape(B, T, -1), op.weight, heads, op.bias, hd, out=y_all)  # (B, T, d)
+        return col_project(o.reshape(B, T, -1), op, qcols, heads, hd, o_masks, out=y_all)  # (B, T, d)

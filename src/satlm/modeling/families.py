@@ -175,10 +175,6 @@ def layout_for(model: nn.Module) -> Layout:
     """The family's Layout, or UnsupportedModelError naming the class and what is missing."""
     name = type(model).__name__
     model_type = model_type_of(model)
-    if name in ("PeftModel", "PeftModelForCausalLM") or hasattr(model, "peft_config"):
-        raise UnsupportedModelError(
-            f"satlm does not support {name} (a peft model): apply SAT to the base model before LoRA is injected, "
-            "and use no LoRA (SAT does not run LoRA layers yet)")
     if model_type in REFUSED:
         raise UnsupportedModelError(f"satlm does not support {name} (model_type {model_type!r}): "
                                     f"{REFUSED[model_type]}")

@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.importance import mlp_scores
-from ..core.ops import col_linear, swiglu_mlp
+from ..core.ops import swiglu_mlp
 from .base import _SATModule
 from .families import get_path
-from .proj import Rows, plain_linear
+from .proj import Proj, Rows, col_project
 from .runtime import SATRuntime
 
 
@@ -31,7 +31,7 @@ def _select_last(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).index_select(1, idx).reshape(*t.shape[:-1], idx.shape[0])
 
 
-def _output_cols(down: nn.Linear, idx: torch.Tensor, metric: str):
+def _output_cols(down: Proj, idx: torch.Tensor, metric: str):
     """The kept input columns of the down projection, for the `output` metric only (no autograd)."""
     return down.weight.detach().index_select(1, idx) if metric == "output" else None
 
@@ -46,14 +46,13 @@ class SATMLP(_SATModule):
         self.where = f"layers[{layer_idx}].{lay.mlp}"
 
     # -- the layout's pieces, looked up in every sparse forward (a LoRA layer injected after SAT is caught) --
-    def _parts(self):
+    def _parts(self) -> tuple[Rows, Proj, nn.Module]:
         lay, base, f = self.sat_runtime.layout, self.base_layer, self.sat_n_units
         if lay.gated:
-            rows = Rows.of(base, [lay.gate, lay.up], lay.gate_up, [f, f])
+            rows = Rows.of(base, [lay.gate, lay.up], lay.gate_up, [f, f], self.where)
         else:
-            rows = Rows.of(base, [lay.fc], None, [f])
-        rows.check(self.where)
-        return rows, plain_linear(get_path(base, lay.down), f"{self.where}.{lay.down}"), getattr(base, lay.act)
+            rows = Rows.of(base, [lay.fc], None, [f], self.where)
+        return rows, Proj(get_path(base, lay.down), f"{self.where}.{lay.down}"), getattr(base, lay.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._kept_k()
@@ -69,7 +68,11 @@ class SATMLP(_SATModule):
         rt, sel = self.sat_runtime, self.sat_selector
         gated = rt.layout.gated
         rows, down, act = self._parts()
-        fused = gated and _is_silu(act)  # one function for the whole MLP
+        # One function for the whole SiLU-gated MLP; with LoRA the kept projections run one by one.
+        fused = gated and _is_silu(act) and not rows.has_lora and not down.loras
+        masks = rows.masks(x, self.training)  # LoRA dropout, drawn as peft draws it: gate, up, then down
+        down_masks = down.masks((*x.shape[:-1], self.sat_n_units), x, self.training)
+        rows.prepare(x, masks)
         metric, mask = rt.config.metric, rt.mask_for(x)
         if sel.use_history():
             idx = sel.cached(k)
@@ -79,20 +82,20 @@ class SATMLP(_SATModule):
             if fused:
                 weights, r, biases, _ = rows.spec([idx, idx])
                 y, h = swiglu_mlp(x, idx, weights, r, biases, down)
-            elif gated:
-                g, u = rows.kept(x, [idx, idx])  # (B, T, k) each
-                h = act(g) * u
-                y = col_linear(h, down.weight, idx, down.bias)
             else:
-                h = act(rows.kept(x, [idx])[0])
-                y = col_linear(h, down.weight, idx, down.bias)
+                if gated:
+                    g, u = rows.kept(x, [idx, idx], masks=masks)  # (B, T, k) each
+                    h = act(g) * u
+                else:
+                    h = act(rows.kept(x, [idx], masks=masks)[0])
+                y = col_project(h, down, idx, idx, 1, down_masks)
             if fresh:
                 with torch.no_grad():
                     sel.observe(idx, mlp_scores(h.detach(), mask, metric, _output_cols(down, idx, metric)))
             return y
-        return self._paper(k, x, rows, down, act, fused)
+        return self._paper(k, x, rows, down, act, fused, masks, down_masks)
 
-    def _paper(self, k, x, rows: Rows, down: nn.Linear, act, fused: bool) -> torch.Tensor:
+    def _paper(self, k, x, rows: Rows, down: Proj, act, fused: bool, masks, down_masks) -> torch.Tensor:
         """Paper mode: every channel computed without autograd to score them (and, forward=dense, for the output);
         the kept channels re-attached to the graph with a kept-only backward."""
         rt, sel = self.sat_runtime, self.sat_selector
@@ -102,9 +105,9 @@ class SATMLP(_SATModule):
             if fused:  # channels first, (f, N), so that the kept channels are whole rows to copy
                 g_all, u_all = rows.full_t(x)
             elif gated:
-                g_all, u_all = rows.full(x)  # (B, T, f): every channel, to score them
+                g_all, u_all = rows.full(x, masks)  # (B, T, f): every channel, to score them
             else:
-                g_all, u_all = rows.full(x)[0], None
+                g_all, u_all = rows.full(x, masks)[0], None
             idx = sel.cached(k)
             h_all = None
             if dense_forward or (idx is None and metric != "random"):
@@ -122,6 +125,8 @@ class SATMLP(_SATModule):
                 y_all = torch.mm(h_all.t(), down.weight.t()) if fused else h_all @ down.weight.t()
                 if down.bias is not None:
                     y_all += down.bias
+                if down.loras:
+                    y_all += down.lora_once(h_all, down_masks)
             if fused:  # (N, k) views of (k, N)
                 g_k, u_k = g_all.index_select(0, idx).t(), u_all.index_select(0, idx).t()
                 h_k = h_all.index_select(0, idx).t() if h_all is not None else None
@@ -133,8 +138,8 @@ class SATMLP(_SATModule):
             weights, r, biases, _ = rows.spec([idx, idx])
             return swiglu_mlp(x, idx, weights, r, biases, down, g_k, u_k, h_k, y_all)[0]
         if gated:
-            g, u = rows.kept(x, [idx, idx], [g_k, u_k])
+            g, u = rows.kept(x, [idx, idx], [g_k, u_k], masks)
             h = act(g) * u
         else:
-            h = act(rows.kept(x, [idx], [g_k])[0])
-        return col_linear(h, down.weight, idx, down.bias, out=y_all)
+            h = act(rows.kept(x, [idx], [g_k], masks)[0])
+        return col_project(h, down, idx, idx, 1, down_masks, out=y_all)

@@ -12,18 +12,24 @@ from .attention import SATAttention
 from .base import _SATModule
 from .families import Layout, UnsupportedModelError, decoder_layers, get_path, layout_for
 from .mlp import SATMLP
-from .proj import plain_linear
+from .proj import Proj
 from .runtime import SATRuntime
 from .selfcheck import check_structure, self_check
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The HF model inside DDP/accelerate wrappers (module.module...)."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) and not hasattr(
-        model, "sat_runtime"
-    ):
-        model = model.module
-    return model
+    """The HF model inside DDP/accelerate wrappers (module.module...) and peft's PeftModel (base_model.model)."""
+    while True:
+        if "sat_runtime" in vars(model):
+            return model
+        inner = vars(model).get("_modules", {})
+        if isinstance(inner.get("module"), nn.Module):
+            model = inner["module"]
+        elif hasattr(model, "peft_config") and isinstance(inner.get("base_model"), nn.Module) and isinstance(
+                getattr(inner["base_model"], "model", None), nn.Module):
+            model = inner["base_model"].model
+        else:
+            return model
 
 
 def _runtime(model: nn.Module) -> SATRuntime:
@@ -64,7 +70,7 @@ def _checked(module: nn.Module | None, names: tuple[str, ...], known: set[str], 
         except AttributeError:
             raise UnsupportedModelError(f"{where} ({type(module).__name__}) has no {name!r}, which satlm's "
                                         f"{layout.family} layout expects") from None
-        plain_linear(sub, f"{where}.{name}")
+        Proj(sub, f"{where}.{name}")  # a plain Linear, or peft's LoRA around one
     check_structure(module, known, where, layout.family)
     return module
 
@@ -89,6 +95,7 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
     elif not isinstance(config, SATConfig):
         raise TypeError(f"apply_sat expects a SATConfig or dict, got {type(config).__name__}")
     config.validate()
+    outer, model = model, _unwrap(model)  # a PeftModel: the HF model inside, with its LoRA layers
     if getattr(model, "sat_runtime", None) is not None:
         raise ValueError("SAT is already applied to this model; call satlm.remove_sat(model) first")
     layout = layout_for(model)
@@ -136,7 +143,7 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
     except BaseException:
         remove_sat(model)
         raise
-    return model
+    return outer
 
 
 def remove_sat(model: nn.Module) -> nn.Module:

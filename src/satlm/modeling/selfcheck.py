@@ -115,13 +115,17 @@ class _NoDropout:
     def __enter__(self):
         for k, v in vars(self.module).items():
             if "dropout" in k and isinstance(v, float) and v > 0:
-                self.saved[k] = v
-                setattr(self.module, k, 0.0)
+                self.saved[(self.module, k)] = v
+        for sub in self.module.modules():  # nn.Dropout inside (peft's lora_dropout)
+            if isinstance(sub, nn.Dropout) and sub.p > 0:
+                self.saved[(sub, "p")] = sub.p
+        for (mod, k) in self.saved:
+            setattr(mod, k, 0.0)
         return self
 
     def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            setattr(self.module, k, v)
+        for (mod, k), v in self.saved.items():
+            setattr(mod, k, v)
 
 
 def self_check(model: nn.Module, modules: list[_SATModule], layout: Layout) -> None:
