@@ -73,3 +73,26 @@ def test_kept_size_model_shape(heads, kv, unit, rate, expect):
     assert attn.o_proj.in_features == expect[0] * 64 and attn.head_dim == 64
     assert kept(torch.randint(0, 256, (1, 8))).logits.shape == (1, 8, 256)
     assert model.config.num_attention_heads == heads  # the original is untouched
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_bench_lora_and_dense_forward_rows(tmp_path, monkeypatch, per_layer):
+    """--lora R: LoRA-dense against LoRA-SAT, the FLOP ideal counting the LoRA GEMMs (and no weight gradient of
+    the frozen base, so it beats full fine-tuning's at the same rate); --forwards adds forward=dense rows, whose
+    ideal lies below sparse's (its forward is whole)."""
+    pytest.importorskip("peft")
+    monkeypatch.setenv("SATLM_BENCH_REEXEC", "1")
+    out, full = tmp_path / "l.json", tmp_path / "f.json"
+    common = TINY + ["--layers", "2", "--sources", "current", "--forwards", "sparse,dense", "--kept-size"]
+    common += ["--per-layer"] if per_layer else []
+    assert main(common + ["--lora", "4", "--json", str(out)]) == 0
+    assert main(common + ["--json", str(full)]) == 0
+    rows, plain = json.loads(out.read_text())["results"], json.loads(full.read_text())["results"]
+    assert [(r["forward"], r["rate"]) for r in rows] == [("sparse", 0.25), ("sparse", 0.75), ("dense", 0.25),
+                                                         ("dense", 0.75)]
+    by = {(r["forward"], r["rate"]): r for r in rows}
+    assert 1.0 < by[("dense", 0.75)]["ideal_speedup"] < by[("sparse", 0.75)]["ideal_speedup"]
+    assert all("kept_size_speedup" in r for r in rows)
+    assert json.loads(out.read_text())["shape"]["lora"] == 4
+    flops = {(r["forward"], r["rate"]): r["flops"] for r in plain}
+    assert by[("sparse", 0.75)]["flops"] < flops[("sparse", 0.75)]  # frozen base: no weight-gradient GEMMs

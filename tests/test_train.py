@@ -95,6 +95,28 @@ def test_resume_is_exact(tmp_path, tiny_model_dir, tiny_data, task, source):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), ra["step"]
     assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], abs=1e-5)
     assert resumed["tokens"] == straight["tokens"] and resumed["wall_seconds"] > 0
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], abs=1e-5)  # over the whole run's records
+
+
+def test_epochs_and_report_to(tmp_path, tiny_model_dir, tiny_data):
+    """epochs replaces max_steps (drop_last batches of the training data); with report_to, the dense evaluations
+    are logged through the Trainer, so trackers (wandb, mlflow, ...) see them."""
+    seen = []
+
+    class Tracker(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs or {}))
+
+    cfg = _config(tiny_model_dir, tiny_data, tmp_path / "e", epochs=0.5, eval_steps=2, report_to="all")
+    summary = run_train(cfg, callbacks=[Tracker()], quiet=True)
+    from transformers import AutoTokenizer
+
+    n = len(build_datasets(cfg, AutoTokenizer.from_pretrained(tiny_model_dir)).train)
+    assert summary["steps"] == math.ceil(0.5 * (n // 4)) and summary["completed"]
+    assert [e for e in seen if "eval_loss" in e]
+    assert load_run_config(tmp_path / "e" / "config.yaml").max_steps == summary["steps"]
+    with pytest.raises(RunConfigError, match="epochs"):
+        _config(tiny_model_dir, tiny_data, tmp_path / "x", epochs=0)
 
 
 @pytest.mark.integration

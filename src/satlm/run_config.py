@@ -83,6 +83,53 @@ class SATSection(SATConfig):
 
 
 @dataclass
+class LoRASection:
+    """The `lora:` section: train a peft LoRA adapter instead of the whole model (SAT runs base + LoRA over the
+    kept units). Off while r is null; `lora.r=16` on the command line turns it on."""
+
+    r: int | None = None
+    """LoRA rank; null: no LoRA (full fine-tuning)."""
+    alpha: float | None = None
+    """LoRA alpha (the update is scaled by alpha / r, or alpha / sqrt(r) with use_rslora); null: 2 r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: Union[str, list] = "all-linear"
+    """Projections that get an adapter: all-linear (every linear of the decoder layers), or a list of names
+    (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, ...)."""
+    modules_to_save: list | None = None
+    """Modules trained in full and saved beside the adapter (e.g. [lm_head]); null: none."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.r is not None
+
+    def validate(self) -> "LoRASection":
+        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
+            raise RunConfigError(f"config key 'lora.r' must be an integer >= 1 or null (no LoRA), got {self.r!r}")
+        if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise RunConfigError(f"config key 'lora.alpha' must be a number > 0 or null (2 r), got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise RunConfigError(f"config key 'lora.dropout' must be in [0, 1), got {self.dropout!r}")
+        targets = self.target_modules
+        if not (isinstance(targets, str) and targets) and not (
+                isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+            raise RunConfigError(f"config key 'lora.target_modules' must be all-linear or a list of module names, "
+                                 f"got {targets!r}")
+        return self
+
+    def peft_config(self, task_type: str = "CAUSAL_LM"):
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            raise RunConfigError("lora.r is set, but peft is not installed: pip install 'satlm[lora]'") from None
+        return LoraConfig(r=self.r, lora_alpha=self.alpha if self.alpha is not None else 2 * self.r,
+                          lora_dropout=self.dropout, target_modules=self.target_modules,
+                          modules_to_save=self.modules_to_save, use_rslora=self.use_rslora, task_type=task_type)
+
+
+@dataclass
 class RunConfig:
     """One training run. Sizes are per device; one step is one optimizer update."""
 
@@ -94,6 +141,9 @@ class RunConfig:
     """The run directory (config.yaml, metrics.jsonl, summary.json, checkpoint-N/, final/, plots/)."""
     max_steps: int = 100
     """Optimizer steps to train; the SAT schedule and the learning-rate schedule span them."""
+    epochs: float | None = None
+    """Passes over the training data instead of max_steps: the steps are computed from the data's size, the
+    batch, grad_accum and the number of processes (and the LR and SAT schedules span them); null: max_steps."""
     batch_size: int = 8
     """Sequences per device per micro-batch."""
     grad_accum: int = 1
@@ -135,6 +185,9 @@ class RunConfig:
     """Recompute activations in the backward to save memory."""
     tensorboard: bool = True
     """Write TensorBoard logs to output_dir/tensorboard when tensorboard is installed."""
+    report_to: Union[str, list] = "none"
+    """Trackers the Trainer reports to (transformers' report_to: none, all, tensorboard, wandb, mlflow, ... or a
+    list); the dense evaluations are logged through them too (eval_loss, eval_perplexity)."""
     progress: bool = True
     """Show a progress bar with tokens/s and ETA."""
     resume: Union[bool, str] = False
@@ -150,6 +203,7 @@ class RunConfig:
     """Extra transformers.TrainingArguments (fsdp, deepspeed, ...), passed through as given."""
     data: DataConfig = field(default_factory=DataConfig)
     sat: SATSection = field(default_factory=SATSection)
+    lora: LoRASection = field(default_factory=LoRASection)
 
     def validate(self) -> "RunConfig":
         _one_of("task", self.task, TASKS)
@@ -164,6 +218,8 @@ class RunConfig:
             _at_least(key, getattr(self, key), 0)
         if self.eval_batch_size is not None:
             _at_least("eval_batch_size", self.eval_batch_size, 1)
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise RunConfigError(f"config key 'epochs' must be a number > 0 or null (use max_steps), got {self.epochs!r}")
         if self.save_total_limit is not None:
             _at_least("save_total_limit", self.save_total_limit, 1)
         if self.data.max_eval_samples is not None:
@@ -179,6 +235,7 @@ class RunConfig:
             raise RunConfigError(f"config key 'data.eval_fraction' must be in (0, 1), got {self.data.eval_fraction!r}")
         if isinstance(self.resume, str) and not self.resume:
             raise RunConfigError("config key 'resume' must be true, false or a checkpoint path, got ''")
+        self.lora.validate()
         if self.sat.enabled:
             _warn_unreached_stairs(self.sat, self.max_steps)
         return self
@@ -188,6 +245,7 @@ class RunConfig:
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
         out["data"] = dataclasses.asdict(self.data)
         out["sat"] = self.sat.to_dict()
+        out["lora"] = dataclasses.asdict(self.lora)
         return out
 
     def to_yaml(self, header: str | None = None) -> str:
@@ -200,7 +258,7 @@ class RunConfig:
         if not isinstance(raw, dict):
             raise RunConfigError(f"a run config must be a mapping of keys to values, got {type(raw).__name__}")
         kwargs = _build_kwargs(cls, raw, "")
-        for name, section in (("data", DataConfig), ("sat", SATSection)):
+        for name, section in (("data", DataConfig), ("sat", SATSection), ("lora", LoRASection)):
             sub = raw.get(name) or {}
             if not isinstance(sub, dict):
                 raise RunConfigError(f"config key {name!r} is a section: give a mapping or set {name}.<field>=value")
@@ -212,7 +270,7 @@ class RunConfig:
 
 
 # -- keys and values -------------------------------------------------------------------------------------
-_SECTIONS = {"data": DataConfig, "sat": SATSection}
+_SECTIONS = {"data": DataConfig, "sat": SATSection, "lora": LoRASection}
 
 
 def config_keys() -> list[str]:
@@ -490,6 +548,7 @@ def parse_run_args(command: str, argv: Sequence[str] | None, config_required: bo
 
 __all__ = [
     "DataConfig",
+    "LoRASection",
     "RunConfig",
     "SATSection",
     "apply_overrides",

@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-rate", type=float,
                    help="attention omission rate of every variant (e.g. 0: heads off); default: the rate")
     p.add_argument("--selection", default="sample", choices=["sample", "topk", "random"])
+    p.add_argument("--lora", type=int, metavar="R",
+                   help="a LoRA adapter of rank R on every linear (peft; base weights frozen): LoRA-dense against "
+                        "LoRA-SAT, the FLOP ideal counting the LoRA GEMMs; the kept-size model gets one too")
     p.add_argument("--attn-unit", default="head", choices=["head", "kv_group"])
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--warmup", type=int, default=3)
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     _ensure_allocator_env(argv, device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .runner import PRESETS, Bench, Shape, build_model, kept_size_model, run, summarize
+    from .runner import PRESETS, Bench, Shape, build_model, kept_size_model, run, summarize, with_lora
 
     sources = _parse_list(args.sources, "sources", str, ("current", "history"))
     forwards = tuple(_parse_list(args.forwards, "forwards", str, ("sparse", "dense")))
@@ -115,10 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model.config
     if args.attn_rate is not None and not 0.0 <= args.attn_rate < 1.0:
         raise SystemExit(f"satlm bench: --attn-rate {args.attn_rate} outside [0, 1)")
+    if args.lora is not None and args.lora < 1:
+        raise SystemExit(f"satlm bench: --lora {args.lora}: the rank must be >= 1")
+    base_model = model
+    model = with_lora(model, args.lora)
     bench = Bench(model, per_layer=args.per_layer, batch_size=args.batch_size, seq_len=args.seq_len,
                   device=device, attn_unit=args.attn_unit, attn_rate=args.attn_rate, selection=args.selection)
 
     what = "one decoder layer" if args.per_layer else f"{cfg.num_hidden_layers} layers"
+    what += f", LoRA r={args.lora} on every linear" if args.lora else ""
     print(f"satlm bench: {what}, d={cfg.hidden_size} f={cfg.intermediate_size} heads={cfg.num_attention_heads}"
           f"/{cfg.num_key_value_heads} vocab={cfg.vocab_size}, B={args.batch_size} T={args.seq_len} "
           f"{args.dtype} on {device} ({torch.get_num_threads()} threads), {args.repeats} interleaved repeats",
@@ -129,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     kept_size = None
     if args.kept_size:
-        kept_size = {r: Bench(kept_size_model(model, r, args.attn_unit), per_layer=args.per_layer,
+        kept_size = {r: Bench(with_lora(kept_size_model(base_model, r, args.attn_unit), args.lora),
+                              per_layer=args.per_layer,
                               batch_size=args.batch_size, seq_len=args.seq_len, device=device,
                               attn_unit=args.attn_unit) for r in rates}
     variants = run(bench, sources, rates, args.warmup, args.repeats, progress, kept_size, forwards)
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                   "layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size, "per_layer": args.per_layer,
                   "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
                   "attn_unit": args.attn_unit, "attn_implementation": cfg._attn_implementation,
-                  "attn_rate": args.attn_rate, "selection": args.selection},
+                  "attn_rate": args.attn_rate, "selection": args.selection, "lora": args.lora},
         "dense": dense,
         "results": rows,
     }

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import SATConfig
 from ..core.ops import FLASH_CPU_OPS as _CPU_FLASH_OPS
-from ..modeling.patch import apply_sat, disable_sat
+from ..modeling.patch import _unwrap, apply_sat, disable_sat
 
 
 @dataclass
@@ -114,6 +114,22 @@ def kept_size_model(model, rate: float, attn_unit: str = "head"):
     return kept.train()
 
 
+def with_lora(model, r: int | None):
+    """The model with a peft LoRA adapter of rank r on every linear of its decoder layers (alpha 2r, no dropout);
+    unchanged when r is None. The base weights are frozen, as in LoRA fine-tuning."""
+    if not r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():  # B away from zero, as after some training (the cost is the same)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -135,14 +151,15 @@ class Bench:
         ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)
         self.batch = {"input_ids": ids, "labels": ids}
         self.tokens = batch_size * seq_len
+        hf = _unwrap(model)  # the HF model (inside a peft wrapper with --lora)
         if per_layer:
-            self.layer = model.model.layers[0]
+            self.layer = hf.model.layers[0]
             d = model.config.hidden_size
             dtype = next(model.parameters()).dtype
             self.x = torch.randn(batch_size, seq_len, d, generator=g).to(device=device, dtype=dtype)
             self.x.requires_grad_(True)
             pos = torch.arange(seq_len, device=device)[None].expand(batch_size, -1)
-            self.pos_emb = model.model.rotary_emb(self.x, pos)
+            self.pos_emb = hf.model.rotary_emb(self.x, pos)
             causal = torch.full((seq_len, seq_len), float("-inf"), device=device).triu(1)
             self.mask = causal.to(dtype)[None, None] if model.config._attn_implementation == "eager" else None
             # The layer's output gradient is fixed and given, so that no loss computation (elementwise work
@@ -151,10 +168,11 @@ class Bench:
             self.optimizer = None
         else:
             fused = device.startswith("cuda") or device == "cpu"
+            trainable = [p for p in model.parameters() if p.requires_grad]
             try:
-                self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+                self.optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=fused)
             except (RuntimeError, TypeError):
-                self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+                self.optimizer = torch.optim.AdamW(trainable, lr=1e-5)
 
     @contextlib.contextmanager
     def variant(self, v: Variant):

@@ -64,6 +64,7 @@ class RunRecorder(TrainerCallback):
         self._losses = array("d")  # finite logged training losses
         self._rates = array("d")  # logged tokens/s
         self.evals: list[dict] = []
+        self.report = None  # trainer.log, when the run reports to trackers (report_to)
 
     # -- clocks ----------------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -173,6 +174,8 @@ class RunRecorder(TrainerCallback):
                   "tokens": state.num_input_tokens_seen, "elapsed_seconds": self.elapsed(),
                   "train_seconds": self.train_seconds()}
         self.evals.append(record)
+        if self.report is not None:
+            self.report({"eval_loss": record["eval_loss"], "eval_perplexity": record["eval_perplexity"]})
         if self.main:
             with open(self.out_dir / EVAL_NAME, "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -9,7 +9,7 @@ A flat recipe: setup (output dir, model, data, Trainer) -> train -> save -> clea
     summary.json     steps, tokens, wall_seconds, tokens_per_second, train_loss, eval_loss, eval_perplexity
     checkpoint-N/    for resume (the Trainer's files plus sat_state.pt); written in .tmp-checkpoints/ and
                      renamed here when whole, so a run killed at any moment resumes from a whole one
-    final/           a plain HF model and tokenizer
+    final/           a plain HF model and tokenizer (with lora: the adapter merged in; final/adapter/ the adapter)
     plots/           training.png
     tensorboard/     when tensorboard is installed
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -132,7 +133,7 @@ def training_arguments(cfg: RunConfig, precision: str):
         dataloader_num_workers=0,
         remove_unused_columns=False,
         include_num_input_tokens_seen="all" if cfg.task == "cpt" else "non_padding",
-        report_to="none",  # the RunRecorder writes TensorBoard itself, with the SAT rates
+        report_to=cfg.report_to,  # besides, the RunRecorder writes TensorBoard itself, with the SAT rates
         disable_tqdm=False,
     )
     if cfg.task == "sft" and cfg.data.group_by_length:
@@ -159,6 +160,8 @@ def describe(cfg: RunConfig) -> str:
         mode = (f"SAT {sat.source}/{sat.schedule}, omission attn {sat.max_attn_rate:g} mlp {sat.max_mlp_rate:g}")
     else:
         mode = "dense"
+    if cfg.lora.enabled:
+        mode += f", LoRA r={cfg.lora.r}"
     return (f"{cfg.task} {mode}: {cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum} x {cfg.seq_len} "
             f"tokens, model {cfg.model} -> {cfg.output_dir}")
 
@@ -190,9 +193,17 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
     if len(data.train) < cfg.batch_size * world:
         raise DataError(f"{data.info['train_path']}: {len(data.train)} training sequences, fewer than one batch "
                         f"({cfg.batch_size} x {world} device(s)); add data or lower batch_size / seq_len")
+    if cfg.epochs is not None:  # the steps of that many passes over the data (drop_last batches)
+        batches = len(data.train) // (cfg.batch_size * world)
+        cfg.max_steps = args.max_steps = max(1, math.ceil(cfg.epochs * batches / cfg.grad_accum))
+        args.warmup_steps = int(cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * cfg.max_steps))
     model = load_model(model_path, torch.float32, cfg.attn_implementation)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False  # no KV cache in training
+    if cfg.lora.enabled:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, cfg.lora.peft_config())  # the base weights frozen, the adapter trained
     if cfg.sat.enabled:
         apply_sat(model, cfg.sat.to_sat_config())
     out = on_main_process(prepare_output_dir, cfg, stale, checkpoint_bytes(model, cfg.optim))
@@ -216,6 +227,8 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
                       processing_class=tokenizer, callbacks=[*sat_callbacks, recorder, *callbacks, guard, saver])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
+    if cfg.report_to not in ("none", [], ["none"], None):
+        recorder.report = trainer.log  # evaluations reach the trackers the Trainer reports to
 
     # train
     try:
@@ -248,7 +261,10 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
         }
         if completed:
             model.config.use_cache = use_cache
-            trainer.save_model(str(out / FINAL_DIR))  # SAT layers save under the plain architecture's names
+            if cfg.lora.enabled:
+                save_lora_final(trainer, model, tokenizer, out / FINAL_DIR)
+            else:
+                trainer.save_model(str(out / FINAL_DIR))  # SAT layers save under the plain architecture's names
         if trainer.is_world_process_zero():
             (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
             plot_run(out)
@@ -265,6 +281,20 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
     if not quiet and is_main_process():
         _print_summary(summary, out)
     return summary
+
+
+def save_lora_final(trainer, model, tokenizer, final: Path) -> None:
+    """final/adapter/: the adapter in peft's format; final/: the base model with the adapter merged in, a plain
+    model of its architecture that plain transformers loads (and `satlm eval` evaluates)."""
+    from ..modeling.patch import remove_sat
+
+    trainer.save_model(str(final / "adapter"))  # a PeftModel saves its adapter
+    if getattr(model, "sat_runtime", None) is not None:
+        remove_sat(model)  # training is over; peft's merge walks the plain module tree
+    if trainer.is_world_process_zero():
+        merged = model.merge_and_unload()
+        merged.save_pretrained(str(final))
+        tokenizer.save_pretrained(str(final))
 
 
 def _train(trainer, resume_from: str | None, guard: FaultGuard, saver: AtomicCheckpoints) -> None:
