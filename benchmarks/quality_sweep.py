@@ -158,5 +158,32 @@ def main(argv=None) -> int:
     return 0
 
 
+
+
+def table(out: Path, dense_dir: Path | None = None) -> str:
+    """A markdown table of every finished variant under `out`, against `dense_dir` (default out/dense; a second,
+    undisturbed dense run of the same config gives the same losses and cleaner times)."""
+    from satlm.recipes.quality import quality_metrics
+
+    dense_dir = dense_dir or out / "dense"
+    dense = json.loads((dense_dir / "summary.json").read_text())
+    lines = ["| variant | what | eval loss | vs dense | tokens/s vs dense | time to quality | tokens to quality |",
+             "|---|---|---|---|---|---|---|",
+             f"| dense | | {dense['eval_loss']:.4f} | | 1.00x ({dense['tokens_per_second']:.0f} tokens/s) | 1.00 | 1.00 |"]
+    for vdir in sorted(p for p in out.iterdir() if (p / "compare.json").is_file()):
+        sat = json.loads((vdir / "sat" / "summary.json").read_text())
+        q = quality_metrics(dense_dir, vdir / "sat", dense)
+        name = vdir.name
+        what = VARIANTS.get(name.removesuffix("-time"), ("", ""))[1]
+        ttq = "never" if q["time_to_quality"] is None else f"{q['time_to_quality']:.2f}"
+        tkq = "never" if q["tokens_to_quality"] is None else f"{q['tokens_to_quality']:.2f}"
+        lines.append(f"| {name} | {what} | {sat['eval_loss']:.4f} | {100 * (sat['eval_loss'] / dense['eval_loss'] - 1):+.2f}% "
+                     f"| {sat['tokens_per_second'] / dense['tokens_per_second']:.2f}x | {ttq} | {tkq} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "table":  # quality_sweep.py table OUT [DENSE_DIR]
+        print(table(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None))
+        sys.exit(0)
     sys.exit(main())

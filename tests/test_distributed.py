@@ -219,10 +219,9 @@ def test_resume_under_two_ranks_is_exact(straight_two_ranks, tmp_path):
 
 
 # -- FSDP ----------------------------------------------------------------------------------------------
-# FSDP2 (the Trainer's FSDP in transformers 5) and FSDP1 both train SAT exactly. Their state dicts: FSDP2's
-# (torch.distributed.checkpoint, as accelerate saves it) needs `_SATModule._fqn_modifiers` (xfail until
-# then); FSDP1's is not checked: its per-unit hooks expect `base_layer.` names that SAT's own state-dict
-# hook has already stripped, so FSDP1 checkpoints of a SAT model fail.
+# FSDP2 (the Trainer's FSDP in transformers 5) and FSDP1 both train SAT exactly. Their state dicts: a SAT
+# wrapper shares its base module's children and parameters, so every name is the plain model's and FSDP2's
+# full state dict (torch.distributed.checkpoint, as accelerate saves it) must work; FSDP1's is not checked.
 FSDP_CASES = ["current:sample:l2:fsdp2", "history:topk:l2:accelerate-fsdp2", "current:topk:l2:fsdp1",
               "history:sample:l2:fsdp1-orig"]
 
@@ -235,8 +234,6 @@ def fsdp_run(tmp_path_factory):
 @pytest.mark.parametrize("case", FSDP_CASES)
 def test_fsdp_shards_and_trains_as_one_rank(fsdp_run, case):
     """The sparse ops slice the unsharded parameters inside forward; FSDP reduce-scatters their gradients."""
-    from satlm.modeling.layers import _SATModule
-
     r0, r1, states = fsdp_run
     a, b = (next(c for c in r["cases"] if c["case"] == case) for r in (r0, r1))
     held = a["sharding"]
@@ -248,10 +245,5 @@ def test_fsdp_shards_and_trains_as_one_rank(fsdp_run, case):
     assert a["losses"] == b["losses"]
     assert_same_units(a, b, case)
     error = a.get("state_dict_error")
-    if case.endswith("fsdp2") and error and not hasattr(_SATModule, "_fqn_modifiers"):
-        # torch.distributed.checkpoint (accelerate's FSDP2 save) maps state-dict names to modules through
-        # `_fqn_modifiers`; SAT modules save under the plain names, without `base_layer.`.
-        assert_matches_one_rank(case, a, None)
-        pytest.xfail(f"FSDP2 full state dict of a SAT model: {error[:120]}")
     assert error is None, error
     assert_matches_one_rank(case, a, states.get(case))

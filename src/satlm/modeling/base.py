@@ -1,5 +1,5 @@
-"""What every wrapped module shares: the original module as `base_layer`, the plain architecture's state-dict
-names, the runtime and the unit selector. The first branch of every forward is the dense path (the base layer
+"""What every wrapped module shares: the original module as `base_layer` (its children, parameters and buffers
+shared, so that every name is the plain architecture's), the runtime and the unit selector. The first branch of every forward is the dense path (the base layer
 itself, untouched); the sparse path runs only in training, while SAT is enabled and the scheduled rate omits at
 least one unit."""
 
@@ -12,18 +12,7 @@ from ..schedules import kept_count
 from .runtime import SATRuntime
 from .selector import UnitSelector
 
-BASE_PREFIX = "base_layer."
-
-
-def _strip_base_prefix(module, state_dict, prefix, local_metadata):
-    # Checkpoints of a patched model keep the plain architecture's names.
-    for key in [k for k in state_dict if k.startswith(prefix + BASE_PREFIX)]:
-        state_dict[prefix + key[len(prefix) + len(BASE_PREFIX):]] = state_dict.pop(key)
-
-
-def _add_base_prefix(module, state_dict, prefix, *args):
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + BASE_PREFIX)]:
-        state_dict[prefix + BASE_PREFIX + key[len(prefix):]] = state_dict.pop(key)
+BASE_PREFIX = "base_layer."  # kept for callers of 0.1: parameter names no longer carry it
 
 
 class _SATModule(nn.Module):
@@ -31,23 +20,27 @@ class _SATModule(nn.Module):
 
     def __init__(self, base_layer: nn.Module, runtime: SATRuntime, layer_idx: int, n_units: int):
         super().__init__()
-        self.base_layer = base_layer
+        # The wrapper shares the base module's children, parameters and buffers (the very same dicts) instead of
+        # holding it as a child: parameter and state-dict names stay the plain architecture's (no `base_layer.`),
+        # so checkpoints, FSDP2's names and peft's adapter keys are those of the plain model, and a module that
+        # peft (or anyone) sets on the wrapper is set on the base module too.
+        self.__dict__["base_layer"] = base_layer
+        self._modules = base_layer._modules
+        self._parameters = base_layer._parameters
+        self._buffers = base_layer._buffers
+        self._non_persistent_buffers_set = base_layer._non_persistent_buffers_set
+        self.training = base_layer.training
         self.sat_runtime = runtime
         self.sat_layer_idx = layer_idx
         self.sat_n_units = n_units
         salt = 0 if self.component == "attn" else 1
         seed = (runtime.config.seed * 1_000_003 + layer_idx * 2 + salt) % (2**63)
         self.sat_selector = UnitSelector(runtime, n_units, seed)
-        self.register_state_dict_post_hook(_strip_base_prefix)
-        self.register_load_state_dict_pre_hook(_add_base_prefix)
 
-    def _fqn_modifiers(self) -> dict[str, str]:
-        """State-dict names of the base layer's members skip `base_layer.`: torch.distributed.checkpoint
-        (FSDP2 state dicts, as accelerate saves them) maps such names back to modules through this hook."""
-        base = self.base_layer
-        names = [n for n, _ in base.named_children()] + [n for n, _ in base.named_parameters(recurse=False)]
-        names += [n for n, _ in base.named_buffers(recurse=False)]
-        return {name: "base_layer" for name in names}
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base_layer.training = mode  # not a child: its flag follows the wrapper's
+        return self
 
     # -- the selector's state, under the names of satlm 0.1 -------------------------------------------------
     @property
