@@ -176,11 +176,11 @@ def test_cpt_missing_field_empty_and_missing_data(tmp_path):
 
 def test_sft_plain_text_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("just text")
-    with pytest.raises(DataError, match="sft data must be JSONL"):
+    with pytest.raises(DataError, match="sft data must be records"):
         load_conversations(tmp_path / "notes.txt")
 
 
 def test_json_list_files_are_read_as_records(tmp_path):
     (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}]))
     [(where, messages)] = load_conversations(tmp_path / "alpaca.json")
-    assert where.endswith("alpaca.json[0]") and messages[1] == {"role": "assistant", "content": "b"}
+    assert where.endswith("alpaca.json[0]") and messages[1] == {"role": "assistant", "content": "b", "train": True}

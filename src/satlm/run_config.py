@@ -35,9 +35,10 @@ class DataConfig:
     """Where the training and evaluation data come from and how they are cut."""
 
     train: str = EMBEDDED
-    """Training data. cpt: a text file, a folder of text files, JSONL with a `text` field, or a local HF
-    dataset folder (save_to_disk). sft: JSONL (or a JSON list) of Alpaca records (`instruction`, `input`,
-    `output`) or chat records (`messages`). `embedded`: the demo corpus of this task."""
+    """Training data: a file (txt, md, jsonl, json, parquet, arrow, csv), a folder of them, a save_to_disk folder,
+    or a hub dataset name (org/name, with data.split / data.subset; needs the network). cpt: text, or records with
+    a `text` field. sft: records of any data.format (alpaca, messages, sharegpt, prompt_completion). `embedded`:
+    the demo corpus of this task."""
     eval: str | None = None
     """Held-out data in the same forms; null: split eval_fraction of the training documents off
     (deterministically), or the demo's eval split when data.train is `embedded`."""
@@ -47,6 +48,16 @@ class DataConfig:
     """At most this many eval blocks (cpt) or examples (sft), the first ones in file order; null: all."""
     text_field: str = "text"
     """cpt: the JSONL / dataset field that holds the text."""
+    format: str = "auto"
+    """sft record format: auto (from the first record's fields), alpaca, messages, sharegpt, prompt_completion."""
+    columns: dict | None = None
+    """sft: satlm's field names mapped to the data's, e.g. {instruction: question, output: answer}; null: as is."""
+    train_on: str = "all"
+    """sft: which assistant turns carry the loss: all, last, completion (prompt/completion records)."""
+    split: str | None = None
+    """A hub dataset name as data.train: its split (null: train; data.eval hub names read validation)."""
+    subset: str | None = None
+    """A hub dataset name as data.train / data.eval: its subset (configuration), or null."""
     template: str = "auto"
     """sft prompt format: auto (the tokenizer's chat template when it has one, else builtin), builtin
     (### Instruction / ### Response), chat (the tokenizer's chat template, an error if it has none)."""
@@ -211,6 +222,10 @@ class RunConfig:
         _one_of("data.template", self.data.template, TEMPLATES)
         _one_of("data.truncation", self.data.truncation, TRUNCATIONS)
         _one_of("budget", self.budget, BUDGETS)
+        from .recipes.formats import FORMATS, TRAIN_ON
+
+        _one_of("data.format", self.data.format, FORMATS)
+        _one_of("data.train_on", self.data.train_on, TRAIN_ON)
         for key in ("max_steps", "batch_size", "grad_accum", "logging_steps"):
             _at_least(key, getattr(self, key), 1)
         _at_least("seq_len", self.seq_len, 2)

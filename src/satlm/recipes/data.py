@@ -24,11 +24,13 @@ import torch
 
 from ..errors import DataError, ModelLoadError
 from ..run_config import EMBEDDED, RunConfig
+from . import formats
+from .formats import TABLE_SUFFIXES, HubSource, read_table
 
 TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".markdown", ".rst", ".py", ".tex", ".html", ".htm"})
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 IGNORE_INDEX = -100  # label of tokens that carry no loss
-ROLES = ("system", "user", "assistant")
+ROLES = formats.ROLES
 DEMO_FILES = {("cpt", "train"): "cpt_train.jsonl", ("cpt", "eval"): "cpt_eval.jsonl",
               ("sft", "train"): "sft_train.jsonl", ("sft", "eval"): "sft_eval.jsonl"}
 EVAL_SPLITS = ("validation", "eval", "test")
@@ -56,11 +58,15 @@ def demo_data_dir(cache_dir: str | None = None) -> Path:
     return out
 
 
-def resolve_data(spec: str, task: str, split: str, cache_dir: str | None = None) -> Path:
+def resolve_data(spec: str, task: str, split: str, cache_dir: str | None = None, subset: str | None = None,
+                 hub_split: str | None = None):
+    """A local path, the embedded demo data, or (a name like org/dataset that is no local path) a hub dataset."""
     if spec == EMBEDDED:
         return demo_data_dir(cache_dir) / DEMO_FILES[(task, split)]
     path = Path(spec).expanduser()
     if not path.exists():
+        if formats.looks_like_hub_name(spec):
+            return HubSource(spec, subset, hub_split or ("train" if split == "train" else "validation"))
         raise DataError(f"data.{split}: {spec!r} does not exist")
     return path
 
@@ -189,17 +195,24 @@ def _files(path: Path, suffixes: frozenset[str]) -> list[Path]:
     return found
 
 
-def iter_records(path: Path, split: str = "train") -> Iterator[tuple[str, dict | str]]:
-    """(where, record) from a file, a folder or a HF dataset; plain text files give one string each."""
+def iter_records(path, split: str = "train") -> Iterator[tuple[str, dict | str]]:
+    """(where, record) from a file, a folder, a save_to_disk folder or a hub dataset; plain text files give one
+    string each; parquet, arrow and csv rows are records."""
+    if isinstance(path, HubSource):
+        yield from path.rows()
+        return
     if is_hf_dataset(path):
         yield from _hf_rows(path, split)
         return
-    for f in _files(path, TEXT_SUFFIXES | JSONL_SUFFIXES):  # a folder's .json files are often metadata
+    # (a folder's .json files are often metadata: only a .json file given as such is read)
+    for f in _files(path, TEXT_SUFFIXES | JSONL_SUFFIXES | frozenset(TABLE_SUFFIXES)):
         suffix = f.suffix.lower()
         if suffix in JSONL_SUFFIXES:
             yield from read_jsonl(f)
         elif suffix == ".json":
             yield from _read_json_list(f)
+        elif suffix in TABLE_SUFFIXES:
+            yield from read_table(f)
         else:
             yield str(f), _read_text(f)
 
@@ -222,46 +235,26 @@ def load_documents(path: Path, text_field: str = "text", split: str = "train") -
     return docs
 
 
-def to_messages(record: dict, where: str) -> list[dict]:
-    """An SFT record as chat messages: Alpaca (instruction, input, output) or `messages` as given."""
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: messages[{i}] must be {{\"role\": one of {'/'.join(ROLES)}, "
-                                "\"content\": a string}")
-            check_unicode(m["content"], where, f"messages[{i}].content")
-        roles = [m["role"] for m in messages]
-        if "assistant" not in roles or "user" not in roles[: roles.index("assistant")]:
-            raise DataError(f"{where}: 'messages' needs a user message followed by an assistant message")
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
-    for key in ("instruction", "output"):
-        if key not in record:
-            raise DataError(f"{where}: missing field {key!r} (an SFT record needs instruction/output, "
-                            "optionally input, or messages)")
-    for key in ("instruction", "input", "output"):
-        value = record.get(key)
-        if key in record and not isinstance(value, str) and not (key == "input" and value is None):
-            kind = "null" if value is None else type(value).__name__
-            raise DataError(f"{where}: field {key!r} must be a string{' or null' if key == 'input' else ''}, "
-                            f"got {kind}")
+def to_messages(record: dict, where: str, fmt: str = "auto", columns: dict | None = None,
+                train_on: str = "all") -> list[dict]:
+    """An SFT record (any format of recipes/formats.py) as chat messages {role, content, train}."""
+    for key, value in record.items():
         if isinstance(value, str):
             check_unicode(value, where, key)
-    prompt = record["instruction"]
-    if record.get("input"):
-        prompt = f"{prompt}\n\n{record['input']}"
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    messages = formats.to_messages(record, where, fmt, columns, train_on)
+    for i, m in enumerate(messages):
+        check_unicode(m["content"], where, f"messages[{i}].content")
+    return messages
 
 
-def load_conversations(path: Path, split: str = "train") -> list[tuple[str, list[dict]]]:
-    """sft: (where, messages) for every record of a file, folder or HF dataset."""
+def load_conversations(path, split: str = "train", fmt: str = "auto", columns: dict | None = None,
+                       train_on: str = "all") -> list[tuple[str, list[dict]]]:
+    """sft: (where, messages) for every record of a file, folder or dataset."""
     out = []
     for where, record in iter_records(path, split):
         if not isinstance(record, dict):
-            raise DataError(f"{where}: sft data must be JSONL or JSON records, not plain text")
-        out.append((where, to_messages(record, where)))
+            raise DataError(f"{where}: sft data must be records (JSONL, JSON, parquet, arrow, csv), not plain text")
+        out.append((where, to_messages(record, where, fmt, columns, train_on)))
     if not out:
         raise DataError(f"{path}: holds no examples")
     return out
@@ -270,7 +263,7 @@ def load_conversations(path: Path, split: str = "train") -> list[tuple[str, list
 def detect_task(path: Path) -> str:
     """sft when the first record has Alpaca or chat fields, else cpt."""
     for _, record in iter_records(path, "eval"):
-        return "sft" if isinstance(record, dict) and ("messages" in record or "instruction" in record) else "cpt"
+        return "sft" if isinstance(record, dict) and formats.detect_format(record) else "cpt"
     return "cpt"
 
 
@@ -331,7 +324,8 @@ def _builtin_segments(messages: list[dict], tokenizer) -> list[tuple[str | list[
     segments: list[tuple[str | list[int], bool]] = [(head, False)] if head else []
     for m in messages:
         if m["role"] == "assistant":
-            segments += [("### Response:\n", False), (m["content"], True), (tail, True), ("\n\n", False)]
+            trained = m.get("train", True)
+            segments += [("### Response:\n", False), (m["content"], trained), (tail, trained), ("\n\n", False)]
         else:
             title = "System" if m["role"] == "system" else "Instruction"
             segments.append((f"### {title}:\n{m['content']}\n\n", False))
@@ -341,6 +335,7 @@ def _builtin_segments(messages: list[dict], tokenizer) -> list[tuple[str | list[
 def _chat_segments(messages: list[dict], tokenizer, where: str) -> list[tuple[str, bool]]:
     """The chat template's text cut at each assistant turn (needs a template whose renders are prefixes)."""
     def render(msgs, prompt):
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
         try:
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
         except Exception as e:  # jinja raises its own errors (roles must alternate, ...)
@@ -354,7 +349,7 @@ def _chat_segments(messages: list[dict], tokenizer, where: str) -> list[tuple[st
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise DataError(f"{where}: the chat template does not render turns as prefixes of each other; "
                             "set data.template=builtin")
-        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        segments += [(prompt[len(done):], False), (full[len(prompt):], m.get("train", True))]
         done = full
     rest = render(messages, False)[len(done):]
     return segments + ([(rest, False)] if rest else [])
@@ -503,9 +498,9 @@ def _warn_truncation(name: str, seq_len: int, cut: int, dropped: int, total: int
 def build_datasets(cfg: RunConfig, tokenizer) -> RunData:
     """The train and eval datasets and the collator of a run config."""
     d, task = cfg.data, cfg.task
-    train_path = resolve_data(d.train, task, "train", d.cache_dir)
+    train_path = resolve_data(d.train, task, "train", d.cache_dir, d.subset, d.split)
     eval_spec = d.eval if d.eval is not None else (EMBEDDED if d.train == EMBEDDED else None)
-    eval_path = resolve_data(eval_spec, task, "eval", d.cache_dir) if eval_spec is not None else None
+    eval_path = resolve_data(eval_spec, task, "eval", d.cache_dir, d.subset) if eval_spec is not None else None
     if eval_path is None and is_hf_dataset(train_path) and hf_eval_split(train_path):
         eval_path = train_path
     cap = d.max_eval_samples
@@ -529,9 +524,10 @@ def build_datasets(cfg: RunConfig, tokenizer) -> RunData:
         info.update(train_documents=len(train_docs), eval_documents=len(eval_docs))
     else:
         chat = uses_chat_template(tokenizer, d.template)
-        convs = load_conversations(train_path, "train")
+        how = (d.format, d.columns, d.train_on)
+        convs = load_conversations(train_path, "train", *how)
         if eval_path is not None:
-            train_convs, eval_convs = convs, load_conversations(eval_path, "eval")
+            train_convs, eval_convs = convs, load_conversations(eval_path, "eval", *how)
         else:
             train_convs, eval_convs = split_held_out(convs, d.eval_fraction, key=lambda c: json.dumps(c[1]))
             if not eval_convs:
