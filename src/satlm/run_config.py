@@ -65,6 +65,9 @@ class DataConfig:
     """sft examples longer than seq_len: truncate (cut at seq_len, with one warning that counts them; an
     example left with no response token is dropped) or error (a DataError naming the first one's file:line).
     cpt documents are never cut: they are packed across blocks."""
+    packing: bool = False
+    """sft: pack several whole examples into each seq_len row (position ids restart per example, no attention
+    across examples, loss on the trained spans only); eval examples stay unpacked."""
     group_by_length: bool = True
     """sft: batch examples of similar length together (less padding, same examples per epoch); cpt blocks
     all have one length."""

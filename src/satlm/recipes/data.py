@@ -26,6 +26,7 @@ from ..errors import DataError, ModelLoadError
 from ..run_config import EMBEDDED, RunConfig
 from . import formats
 from .formats import TABLE_SUFFIXES, HubSource, read_table
+from .packing import PackedCollator, pack_examples
 
 TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".markdown", ".rst", ".py", ".tex", ".html", ".htm"})
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
@@ -466,6 +467,11 @@ class RunData:
     eval: torch.utils.data.Dataset
     collator: Callable
     info: dict[str, Any] = field(default_factory=dict)
+    eval_collator: Callable | None = None  # when it differs from the training one (packed SFT)
+
+    def __post_init__(self):
+        if self.eval_collator is None:
+            self.eval_collator = self.collator
 
 
 def _sft_examples(convs, tokenizer, seq_len, chat, name, truncation="truncate") -> tuple[list[dict], int, int]:
@@ -543,6 +549,13 @@ def build_datasets(cfg: RunConfig, tokenizer) -> RunData:
         train_ds, eval_ds = SFTDataset(train_ex), SFTDataset(eval_ex)
         info.update(template="chat" if chat else "builtin", dropped_examples=dropped + eval_dropped,
                     truncated_examples=cut + eval_cut)
+        if d.packing:  # the eval examples stay unpacked: their loss is the same either way
+            rows = pack_examples(train_ex, cfg.seq_len)
+            info.update(packed_rows=len(rows), packed_examples=len(train_ex))
+            train_ds = SFTDataset(rows)
+            info.update(train_examples=len(train_ds), eval_examples=len(eval_ds), train_tokens=train_ds.num_tokens())
+            eval_collator = collator_for(task, tokenizer)
+            return RunData(train_ds, eval_ds, PackedCollator(tokenizer.pad_token_id), info, eval_collator)
     info.update(train_examples=len(train_ds), eval_examples=len(eval_ds), train_tokens=train_ds.num_tokens())
     return RunData(train_ds, eval_ds, collator_for(task, tokenizer), info)
 

@@ -136,7 +136,7 @@ def training_arguments(cfg: RunConfig, precision: str):
         report_to=cfg.report_to,  # besides, the RunRecorder writes TensorBoard itself, with the SAT rates
         disable_tqdm=False,
     )
-    if cfg.task == "sft" and cfg.data.group_by_length:
+    if cfg.task == "sft" and cfg.data.group_by_length and not cfg.data.packing:
         if "train_sampling_strategy" in names:
             kwargs["train_sampling_strategy"] = "group_by_length"
         else:  # transformers < 5
@@ -214,7 +214,7 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
     eval_bs = cfg.eval_batch_size or cfg.batch_size
 
     def evaluate():
-        return evaluate_loss(model, data.eval, data.collator, eval_bs, autocast_dtype=amp)
+        return evaluate_loss(model, data.eval, data.eval_collator, eval_bs, autocast_dtype=amp)
 
     recorder = RunRecorder(out, evaluate, cfg.eval_steps, tensorboard=cfg.tensorboard, progress=cfg.progress)
     sat_callbacks = [SATCallback(resume_from_checkpoint=resume_from)] if cfg.sat.enabled else []
