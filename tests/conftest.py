@@ -10,6 +10,18 @@ torch.set_num_threads(2)
 ARCHS = ("llama", "mistral", "qwen2")
 
 
+
+def sat_config(**kw):
+    """A SATConfig for the core tests: unless the test says otherwise, heads follow omission_rate, the forward is
+    the thinned one and selection samples, so every unit kind and path is exercised (the shipped defaults, a dense
+    forward over channels only with top-k, would leave heads and the thinned forward untested)."""
+    import satlm
+
+    kw.setdefault("attn_omission_rate", None)
+    kw.setdefault("forward", "sparse")
+    kw.setdefault("selection", "sample")
+    return satlm.SATConfig(**kw)
+
 def tiny_model(arch: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidden: int = 64, inter: int = 96,
                layers: int = 2, vocab: int = 128, attn: str = "eager", seed: int = 0, tie: bool = False, **extra):
     """A tiny decoder LM of the given architecture, fp32, deterministic weights (extra: more config fields)."""

@@ -163,13 +163,14 @@ def train_case(case: str, batch: int, steps: int = 5, pad: bool = False) -> tupl
     """Train one case; returns (record, full state dict or None when gathering it failed)."""
     import torch.distributed as dist
 
-    from satlm import SATConfig, apply_sat
+    from conftest import sat_config
+    from satlm import apply_sat
 
     source, selection, metric, wrap, noreduce = parse_case(case)
     rank, world = rank_world()
     model = tiny_llama()
-    apply_sat(model, SATConfig(omission_rate=0.5, schedule="constant", source=source, selection=selection,
-                               metric=metric, history_exploration=2.0, seed=3))
+    apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", source=source, selection=selection,
+                                metric=metric, history_exploration=2.0, seed=3))
     engine = wrap_model(model, wrap, world)
     # SGD: updates linear in the gradients, so the final weights compare as tightly as the gradients (Adam
     # would turn rounding noise in near-zero gradients into steps of size lr).

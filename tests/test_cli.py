@@ -125,6 +125,21 @@ def test_eval_command(capsys, tiny_model_dir, tiny_data):
     assert "does not exist" in _error_line(capsys)
 
 
+def test_eval_reads_the_formats_training_reads(capsys, tmp_path, tiny_model_dir):
+    """satlm eval takes data.format / data.columns / data.train_on as --format / --columns / --train-on."""
+    renamed = tmp_path / "qa.jsonl"
+    renamed.write_text("".join(json.dumps({"question": f"say {w}", "answer": f"{w} {w} {w}"}) + "\n"
+                               for w in ("yes", "no", "maybe")))
+    args = ["eval", str(tiny_model_dir), "--data", str(renamed), "--task", "sft", "--seq-len", "64", "--json"]
+    assert main(args) == 1
+    assert "data.columns" in _error_line(capsys)  # without the mapping the records are not SFT records
+    assert main([*args, "--format", "alpaca", "--columns", '{"instruction": "question", "output": "answer"}']) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["task"] == "sft" and result["examples"] == 3 and result["tokens"] > 0
+    assert main([*args, "--columns", "[1, 2]"]) != 0
+    assert "--columns must be a JSON object" in capsys.readouterr().err
+
+
 def test_bench_without_its_module_says_so(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "satlm.bench.cli", None)  # as if satlm.bench.cli were not installed
     assert main(["bench"]) == 1

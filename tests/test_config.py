@@ -64,13 +64,27 @@ def test_component_rates_and_other_schedules():
     cfg = SATConfig(omission_rate=0.5, attn_omission_rate=0.2, schedule="linear")
     assert scheduled_rates(cfg, 0, 10) == pytest.approx((0.2, 0.5))
     assert scheduled_rates(cfg, 5, 10) == pytest.approx((0.1, 0.25))
-    assert scheduled_rates(SATConfig(schedule="constant"), 99, 100) == (0.5, 0.5)
-    steps = SATConfig(omission_rate=0.5, mlp_omission_rate=0.8, schedule="steps", steps=[[0.5, 0.5], [0.75, 0.25]])
+    # Heads are kept by default (attn_omission_rate=0); None makes them follow omission_rate.
+    assert scheduled_rates(SATConfig(schedule="constant"), 99, 100) == (0.0, 0.5)
+    assert scheduled_rates(SATConfig(schedule="constant", attn_omission_rate=None), 99, 100) == (0.5, 0.5)
+    steps = SATConfig(omission_rate=0.5, attn_omission_rate=None, mlp_omission_rate=0.8, schedule="steps",
+                      steps=[[0.5, 0.5], [0.75, 0.25]])
     assert scheduled_rates(steps, 10, 100) == pytest.approx((0.5, 0.8))
     assert scheduled_rates(steps, 60, 100) == pytest.approx((0.25, 0.4))
     assert scheduled_rates(steps, 80, 100) == (0.0, 0.0)
     # Without the length of training, the schedule stays at its first value.
-    assert scheduled_rates(SATConfig(), 1000, None) == (0.5, 0.5)
+    assert scheduled_rates(SATConfig(), 1000, None) == (0.0, 0.5)
+
+
+def test_defaults_are_the_measured_ones():
+    """The defaults follow the real-model sweep (BENCHMARKS.md): dense forward, channels only, top-k."""
+    cfg = SATConfig()
+    assert (cfg.forward, cfg.effective_forward, cfg.selection) == ("auto", "dense", "topk")
+    assert (cfg.max_attn_rate, cfg.max_mlp_rate) == (0.0, 0.5)
+    assert SATConfig(source="history").effective_forward == "sparse"
+    assert SATConfig(forward="sparse").effective_forward == "sparse"
+    with pytest.raises(SATConfigError, match="needs source='current'"):
+        SATConfig(source="history", forward="dense")
 
 
 def test_kept_count():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import satlm
-from conftest import batch, tiny_model
+from conftest import batch, sat_config, tiny_model
 from test_sparse_reference import grads_of
 
 
@@ -124,8 +124,8 @@ def test_dense_forward_matches_reference(arch, heads, kv, impl, extra, unit, rat
     data = batch()
     dense_loss = plain(**data).loss.detach()
     ref_loss, ref_grads, ref_kept = reference_step(ref_model, data, rate, unit)
-    cfg = satlm.SATConfig(omission_rate=rate, schedule="constant", selection="topk", metric="l2",
-                          source="current", attn_unit=unit, forward="dense")
+    cfg = sat_config(omission_rate=rate, schedule="constant", selection="topk", metric="l2",
+                     source="current", attn_unit=unit, forward="dense")
     loss, grads, kept = sat_step(model, data, cfg)
 
     assert kept == ref_kept
@@ -163,8 +163,8 @@ def test_dense_forward_loss_is_the_dense_models_for_every_metric(metric, selecti
     plain = copy.deepcopy(model)
     data = batch(pad=pad)
     dense_loss = plain(**data).loss
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", metric=metric,
-                                           selection=selection, forward="dense"))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", metric=metric,
+                                      selection=selection, forward="dense"))
     loss = model(**data).loss
     assert abs(loss.item() - dense_loss.item()) <= 1e-6 * abs(dense_loss.item())
     loss.backward()
@@ -181,8 +181,8 @@ def test_dense_forward_with_separate_rates_and_heads_off():
     ref_model = copy.deepcopy(model)
     data = batch()
     ref_loss, ref_grads, ref_kept = reference_step(ref_model, data, 0.5, "head", attn_rate=0.0)
-    cfg = satlm.SATConfig(omission_rate=0.5, attn_omission_rate=0.0, schedule="constant", selection="topk",
-                          forward="dense")
+    cfg = sat_config(omission_rate=0.5, attn_omission_rate=0.0, schedule="constant", selection="topk",
+                     forward="dense")
     loss, grads, kept = sat_step(model, data, cfg)
     assert kept == ref_kept
     assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
@@ -197,7 +197,7 @@ def test_dense_forward_under_gradient_checkpointing_matches_reference():
     data = batch()
     ref_loss, ref_grads, _ = reference_step(ref_model, data, 0.5, "head")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cfg = satlm.SATConfig(omission_rate=0.5, schedule="constant", selection="topk", forward="dense")
+    cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", forward="dense")
     loss, grads, _ = sat_step(model, data, cfg)
     assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
     for name, g_ref in ref_grads.items():

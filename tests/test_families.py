@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import satlm
+from conftest import sat_config
 from family_models import (FAMILY_CONFIGS, FAMILY_TOLERANCE, TOLERANCE, family_dtype, family_model, fixed_chooser,
                            layers_of, masked_step, topk_chooser)
 from satlm.modeling.families import FAMILIES, UnsupportedModelError
@@ -70,8 +71,8 @@ def run_case(model_type: str, mode: str, unit: str, rate: float = 0.5, bare: boo
     source, forward = mode.split("-")
     data, seed_data = batch(bare=bare), batch(bare=bare, t=10)
     n_kv = model.config.num_key_value_heads
-    cfg = satlm.SATConfig(omission_rate=rate, schedule="constant", selection="topk", source=source,
-                          forward=forward, attn_unit=unit)
+    cfg = sat_config(omission_rate=rate, schedule="constant", selection="topk", source=source,
+                     forward=forward, attn_unit=unit)
     if source == "current":
         ref_model = copy.deepcopy(model)
         kept_ref: dict = {}
@@ -119,10 +120,10 @@ def test_table_covers_the_issue_families_and_each_class_builds():
 def test_mixture_of_experts_keeps_experts_dense():
     """Mixtral: attention heads are sparsified, every (expert) MLP is left alone; Qwen3-MoE: its dense layer's MLP
     (mlp_only_layers) is wrapped too."""
-    mixtral = satlm.apply_sat(family_model("mixtral"), satlm.SATConfig(omission_rate=0.5))
+    mixtral = satlm.apply_sat(family_model("mixtral"), sat_config(omission_rate=0.5))
     assert all(type(layer.mlp).__name__ == "MixtralSparseMoeBlock" for layer in layers_of(mixtral))
     assert all(isinstance(layer.self_attn, satlm.SATAttention) for layer in layers_of(mixtral))
-    qwen = satlm.apply_sat(family_model("qwen3_moe"), satlm.SATConfig(omission_rate=0.5))
+    qwen = satlm.apply_sat(family_model("qwen3_moe"), sat_config(omission_rate=0.5))
     kinds = [type(layer.mlp).__name__ for layer in layers_of(qwen)]
     assert kinds == ["Qwen3MoeSparseMoeBlock", "SATMLP"]
 
@@ -146,7 +147,7 @@ def test_self_check_refuses_an_unhandled_submodule():
     model = family_model("llama")
     layers_of(model)[1].self_attn.extra_norm = torch.nn.LayerNorm(16)
     with pytest.raises(UnsupportedModelError, match=r"layers\[1\]\.self_attn.*extra_norm"):
-        satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5))
+        satlm.apply_sat(model, sat_config(omission_rate=0.5))
     assert not hasattr(model, "sat_runtime")
     assert all(type(layer.self_attn).__name__ == "LlamaAttention" for layer in layers_of(model))
 
@@ -165,7 +166,7 @@ def test_self_check_refuses_a_module_whose_computation_the_layout_misses(monkeyp
     model = family_model("llama")
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", scaled)
     with pytest.raises(UnsupportedModelError, match=r"self-check: layers\[0\]\.self_attn.*current/sparse.*output"):
-        satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5))
+        satlm.apply_sat(model, sat_config(omission_rate=0.5))
     assert not hasattr(model, "sat_runtime")
 
 
@@ -175,7 +176,7 @@ def test_self_check_leaves_no_trace():
     from satlm.modeling import patch
 
     a, b = family_model("qwen3"), family_model("qwen3")
-    cfg = satlm.SATConfig(omission_rate=0.5, source="history", selection="sample", metric="random")
+    cfg = sat_config(omission_rate=0.5, source="history", selection="sample", metric="random")
     satlm.apply_sat(a, cfg)
     original = patch.self_check
     patch.self_check = lambda *args, **kwargs: None

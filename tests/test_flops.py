@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import satlm
-from conftest import batch, tiny_model
+from conftest import batch, sat_config, tiny_model
 
 D, F, H, KV, T, B, V, L = 128, 352, 8, 2, 32, 2, 256, 2
 
@@ -87,8 +87,8 @@ def test_sat_step_matches_accounting(source, unit, rate):
     model, data = model_and_data()
     dense = step_flops(model, data)
     sat_source, forward = source.split("-")[0], "dense" if source.endswith("-dense") else "sparse"
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=rate, schedule="constant", source=sat_source,
-                                           attn_unit=unit, seed=3, forward=forward))
+    satlm.apply_sat(model, sat_config(omission_rate=rate, schedule="constant", source=sat_source,
+                                      attn_unit=unit, seed=3, forward=forward))
     if source == "history":
         step_flops(model, data)  # the first history step observes every unit to seed the statistics
     measured = step_flops(model, data)
@@ -110,9 +110,9 @@ def test_sdpa_step_counts_the_attention_core_as_run(source, unit):
     model = tiny_model("llama", hidden=D, inter=F, heads=H, kv_heads=KV, layers=L, vocab=V, attn="sdpa")
     data = batch(vocab=V, b=B, t=T, pad=False)
     if source is not None:
-        satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", source=source.split("-")[0],
-                                               attn_unit=unit, seed=3,
-                                               forward="dense" if source.endswith("-dense") else "sparse"))
+        satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", source=source.split("-")[0],
+                                          attn_unit=unit, seed=3,
+                                          forward="dense" if source.endswith("-dense") else "sparse"))
         if source == "history":
             model(**data).loss.backward()
             model.zero_grad(set_to_none=True)

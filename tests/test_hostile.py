@@ -351,7 +351,7 @@ def test_a_ladder_with_more_rungs_than_steps_warns_and_still_descends():
         cfg = load_run_config(None, ["max_steps=5", "sat.rungs=8"])
     sat = cfg.sat.to_sat_config()
     # 8 rungs over 4.5 sparse steps: every step takes the next rung it reaches, from the top to the last
-    assert [scheduled_rates(sat, t, 5)[0] for t in range(5)] == [0.5, 0.4375, 0.3125, 0.1875, 0.0625]
+    assert [scheduled_rates(sat, t, 5)[1] for t in range(5)] == [0.5, 0.4375, 0.3125, 0.1875, 0.0625]
     assert unreached_stairs(sat, 5) == [2, 4, 6] and unreached_stairs(sat, 100) == []
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -17,7 +17,7 @@ import torch
 import satlm
 import test_dense_forward as dense_ref
 import test_sparse_reference as sparse_ref
-from conftest import batch, tiny_model
+from conftest import batch, sat_config, tiny_model
 from satlm import UnsupportedModelError
 
 peft = pytest.importorskip("peft")
@@ -84,8 +84,8 @@ def kept_of(model):
 def run(mode: str, target: str = "all-linear", order: str = "peft-first", dropout: float = 0.0, unit="head",
         **lora):
     source, forward = mode.split("-")
-    cfg = satlm.SATConfig(omission_rate=0.5, schedule="constant", selection="topk", source=source, forward=forward,
-                          attn_unit=unit)
+    cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", source=source, forward=forward,
+                     attn_unit=unit)
     model = lora_model(target, dropout=dropout, sat=cfg if order == "sat-first" else None, **lora)
     data = batch()
     if source == "current":
@@ -155,7 +155,7 @@ def test_frozen_base_weights_cost_no_weight_gradient_flops():
             model(**batch(pad=False)).loss.backward()
         return counter.get_total_flops()
 
-    cfg = satlm.SATConfig(omission_rate=0.5, schedule="constant", selection="topk")
+    cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk")
     with_lora = lora_model("all-linear", r=4, b_std=0)  # B = 0 (peft's init): the same activations, the same units
     hf(with_lora).model.embed_tokens.weight.requires_grad_(True)  # so that layer 0 computes its input gradient
     satlm.apply_sat(with_lora, cfg)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import sat_config
 from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
 
 from satlm.errors import RunConfigError
@@ -92,7 +93,7 @@ def test_trl_sft_trainer_with_sat_callback(tmp_path, tiny_model_dir, lora):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="ladder", rungs=2, dense_tail=0.25))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="ladder", rungs=2, dense_tail=0.25))
     args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=4, per_device_train_batch_size=4,
                          logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, max_length=32,
                          save_strategy="no", learning_rate=5e-3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import satlm
-from conftest import batch, tiny_model
+from conftest import batch, sat_config, tiny_model
 
 
 def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
@@ -28,7 +28,7 @@ def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
 @pytest.mark.parametrize("source", ["current", "history"])
 def test_saved_activation_bytes_halve_at_rate_half(source):
     model = tiny_model("llama", hidden=64, inter=256, heads=8, kv_heads=8, layers=1)
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", source=source))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", source=source))
     rt = model.sat_runtime
     layer = model.model.layers[0]
     x = torch.randn(4, 128, 64, requires_grad=True)
@@ -61,8 +61,8 @@ def test_saved_activation_bytes_halve_at_rate_half(source):
 def test_history_topk_starves_no_unit(unit):
     """With top-k selection, units left out are never observed again; the exploration bonus brings each back."""
     model = tiny_model("llama", heads=8, kv_heads=4)
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", source="history",
-                                           selection="topk", attn_unit=unit, history_exploration=5.0))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", source="history",
+                                      selection="topk", attn_unit=unit, history_exploration=5.0))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     seen: dict = {}
     for step in range(40):
@@ -81,8 +81,8 @@ def test_history_topk_starves_no_unit(unit):
 def test_history_without_exploration_can_starve():
     """The control for the test above: top-k on stale scores alone leaves some units out for good."""
     model = tiny_model("llama", heads=8, kv_heads=4)
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", source="history",
-                                           selection="topk", history_exploration=0.0))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", source="history",
+                                      selection="topk", history_exploration=0.0))
     seen = set()
     for step in range(40):
         model(**batch(seed=step)).loss.backward()

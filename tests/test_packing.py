@@ -39,7 +39,7 @@ def test_rows_hold_whole_examples_and_restart_positions():
 
 def test_packed_batch_equals_the_padded_batch_for_a_plain_model():
     """The packed forward computes each example as alone: the same summed loss as a padded batch."""
-    from conftest import tiny_model
+    from conftest import sat_config, tiny_model
 
     model = tiny_model(attn="sdpa").eval()
     ex = examples()
@@ -59,13 +59,14 @@ def test_packed_batch_equals_the_padded_batch_for_a_plain_model():
 
 @pytest.mark.parametrize("mode", ["current-sparse", "current-dense", "history-sparse"])
 def test_sat_on_packed_batches_matches_the_reference(mode):
+    from conftest import sat_config
     from family_models import family_model, fixed_chooser
 
     source, forward = mode.split("-")
     model = family_model("llama", heads=4, kv_heads=2)
     data = PackedCollator(0)(pack_examples(examples(8), 24))
     chooser_data = {"attention_mask": torch.ones_like(data["input_ids"])}  # every token counts
-    cfg = satlm.SATConfig(omission_rate=0.5, schedule="constant", selection="topk", source=source, forward=forward)
+    cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", source=source, forward=forward)
     if source == "current":
         kept_ref: dict = {}
         ref_loss, ref_grads = masked_step(copy.deepcopy(model), data, "llama", "head",

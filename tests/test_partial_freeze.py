@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import satlm
 import test_dense_forward as dense_ref
 import test_sparse_reference as sparse_ref
-from conftest import batch, tiny_model
+from conftest import batch, sat_config, tiny_model
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FROZEN_SETS = [
@@ -64,7 +64,7 @@ def test_frozen_subset_matches_reference(frozen, mode):
         forward = "dense" if mode == "current-dense" else "sparse"
         ref = dense_ref if forward == "dense" else sparse_ref
         ref_loss, ref_grads, ref_kept = ref.reference_step(copy.deepcopy(model), data, 0.5, "head")
-        cfg = satlm.SATConfig(omission_rate=0.5, schedule="constant", selection="topk", forward=forward)
+        cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", forward=forward)
         loss, grads, kept = sparse_ref.sat_step(model, data, cfg)
         assert kept == ref_kept
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
@@ -75,7 +75,7 @@ def test_history_frozen_gets_no_gradient():
     """history: frozen parameters stay without a gradient (the reference helper above compares the rest)."""
     model = biased_model()
     freeze(model, ("up_proj", "o_proj.weight"))
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", source="history"))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", source="history"))
     for seed in (3, 4):
         model(**batch(seed=seed)).loss.backward()
     for n, p in model.named_parameters():
@@ -94,8 +94,8 @@ def test_frozen_projections_cost_no_weight_gradient_flops(mode):
     def step_flops(frozen):
         model = tiny_model(attn="eager")
         freeze(model, frozen)
-        satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", source=source,
-                                               forward=forward, seed=1))
+        satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", source=source,
+                                          forward=forward, seed=1))
         data = batch(pad=False)
         if source == "history":
             model(**data).loss.backward()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import satlm
-from conftest import batch, tiny_model
+from conftest import batch, sat_config, tiny_model
 
 
 def grads_of(model):
@@ -18,7 +18,7 @@ def grads_of(model):
 def test_eval_is_dense_and_identical():
     model = tiny_model()
     ref = copy.deepcopy(model).eval()
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.75, schedule="constant"))
+    satlm.apply_sat(model, sat_config(omission_rate=0.75, schedule="constant"))
     model.eval()
     data = batch()
     with torch.no_grad():
@@ -29,7 +29,7 @@ def test_disable_sat_is_dense_in_training():
     model = tiny_model()
     ref = copy.deepcopy(model)
     data = batch()
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant"))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant"))
     with satlm.disable_sat(model):
         assert torch.equal(model(**data).loss, ref(**data).loss)
     assert not torch.equal(model(**data).loss, ref(**data).loss)
@@ -40,7 +40,7 @@ def test_remove_sat_restores_the_original_objects():
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     hooks_before = len(model.model._forward_pre_hooks)
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant"))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant"))
     assert isinstance(model.model.layers[0].self_attn, satlm.SATAttention)
     model(**batch()).loss.backward()
     satlm.remove_sat(model)
@@ -77,7 +77,7 @@ def test_save_pretrained_writes_a_plain_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model()
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant"))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant"))
     model(**batch()).loss.backward()
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
@@ -101,7 +101,7 @@ def test_plain_state_dict_loads_into_patched_model():
 
 def run_steps(seed: int, n: int = 3, **kw):
     model = tiny_model()
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", seed=seed, **kw))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", seed=seed, **kw))
     kept = []
     for i in range(n):
         model(**batch(seed=i)).loss.backward()
@@ -122,8 +122,8 @@ def test_gradient_checkpointing_reuses_the_selection(source):
     runs = []
     for ckpt in (False, True):
         model = tiny_model()
-        satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", selection="sample",
-                                               source=source, seed=11))
+        satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", selection="sample",
+                                          source=source, seed=11))
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i in range(2):  # the second step is a genuine history step
@@ -142,7 +142,7 @@ def test_gradient_checkpointing_reuses_the_selection(source):
 def test_autocast_bf16_on_cpu(source):
     model = tiny_model()
     ref = copy.deepcopy(model)
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", selection="topk", source=source))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", selection="topk", source=source))
     data = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**data).loss

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import satlm
+from conftest import sat_config
 import test_dense_forward as dense_ref
 import test_sparse_reference as sparse_ref
 from satlm.errors import ModelLoadError
@@ -83,7 +84,7 @@ def test_sat_on_the_real_model_matches_the_reference(real_model_path, forward):
     data = _batch(real_model_path, TEXTS)
     ref = dense_ref if forward == "dense" else sparse_ref
     ref_loss, ref_grads, ref_kept = ref.reference_step(copy.deepcopy(model), data, 0.5, "head")
-    cfg = satlm.SATConfig(omission_rate=0.5, schedule="constant", selection="topk", forward=forward)
+    cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", forward=forward)
     loss, grads, kept = sparse_ref.sat_step(model, data, cfg)
     assert kept == ref_kept
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import satlm
-from conftest import batch, tiny_model
+from conftest import batch, sat_config, tiny_model
 
 
 def keep(n: int, rate: float) -> int:
@@ -127,8 +127,8 @@ def test_current_topk_matches_masked_dense_reference(arch, heads, kv, impl, extr
     ref_model = copy.deepcopy(model)
     data = batch()
     ref_loss, ref_grads, ref_kept = reference_step(ref_model, data, rate, unit)
-    cfg = satlm.SATConfig(omission_rate=rate, schedule="constant", selection="topk", metric="l2",
-                          source="current", attn_unit=unit)
+    cfg = sat_config(omission_rate=rate, schedule="constant", selection="topk", metric="l2",
+                     source="current", attn_unit=unit)
     loss, grads, kept = sat_step(model, data, cfg)
 
     assert kept == ref_kept
@@ -172,7 +172,7 @@ def test_rate_zero_is_bit_identical(arch):
     data = batch()
     ref_loss = ref(**data).loss
     ref_loss.backward()
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.0))
+    satlm.apply_sat(model, sat_config(omission_rate=0.0))
     loss = model(**data).loss
     loss.backward()
     assert torch.equal(loss, ref_loss)
@@ -186,7 +186,7 @@ def test_dense_tail_of_ladder_is_bit_identical():
     model = tiny_model()
     ref = copy.deepcopy(model)
     data = batch()
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="ladder", dense_tail=0.2))
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="ladder", dense_tail=0.2))
     assert satlm.set_sat_step(model, 95, 100) == (0.0, 0.0)
     assert torch.equal(model(**data).loss, ref(**data).loss)
 
@@ -199,8 +199,8 @@ def masked_step(model, data, kept: dict, unit: str):
 def history_step_and_reference(model, data, seed_data, rate: float, unit: str):
     """(SAT loss, grads, kept) of a history-mode step after one seeding step, and (loss, grads) of the
     masked dense reference with the same kept sets. Leaves the model unpatched."""
-    satlm.apply_sat(model, satlm.SATConfig(omission_rate=rate, schedule="constant", source="history",
-                                           attn_unit=unit))
+    satlm.apply_sat(model, sat_config(omission_rate=rate, schedule="constant", source="history",
+                                      attn_unit=unit))
     model(**seed_data).loss.backward()  # the first step observes every unit, to seed the statistics
     model.zero_grad(set_to_none=True)
     loss, grads, kept = sat_step_applied(model, data)
@@ -271,8 +271,8 @@ def test_paper_mode_reuses_the_scoring_pass_attention(monkeypatch, arch, heads, 
     monkeypatch.setattr(ops, "_FLASH_CPU", counting_flash)
     monkeypatch.setattr(ops, "_FLASH_CPU_BACKWARD", counting_backward)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
-    cfg = satlm.SATConfig(omission_rate=0.5, schedule="constant", selection="topk", metric="l2",
-                          source="current", attn_unit=unit)
+    cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", metric="l2",
+                     source="current", attn_unit=unit)
     satlm.apply_sat(model, cfg)
     calls.update(flash=0, sdpa=0, backward_heads=[])  # what apply_sat's self-check ran does not count
     loss, grads, kept = sat_step_applied(model, data)
@@ -293,8 +293,8 @@ def test_paper_mode_attends_again_where_the_flash_kernel_is_not_used():
 
     for attn, metric in (("eager", "l2"), ("sdpa", "random")):
         model = tiny_model(attn=attn)
-        satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, schedule="constant", source="current",
-                                               metric=metric))
+        satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", source="current",
+                                          metric=metric))
         called = []
         orig = ops._FLASH_CPU
         ops._FLASH_CPU = lambda *a, **k: called.append(1) or orig(*a, **k)

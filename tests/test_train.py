@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import sat_config
 from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -171,7 +172,7 @@ def test_sat_callback_in_a_plain_trainer(tmp_path, tiny_model_dir, tiny_data):
     data = build_datasets(_config(tiny_model_dir, tiny_data, tmp_path / "unused"), tok)
     for applied in (True, False):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        cfg = satlm.SATConfig(omission_rate=0.5, schedule="ladder", rungs=2, dense_tail=0.25)
+        cfg = sat_config(omission_rate=0.5, schedule="ladder", rungs=2, dense_tail=0.25)
         if applied:
             satlm.apply_sat(model, cfg)
         callback = satlm.SATCallback() if applied else satlm.SATCallback(config=cfg)

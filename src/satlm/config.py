@@ -16,7 +16,7 @@ SELECTIONS = ("sample", "topk", "random")
 SOURCES = ("current", "history")
 SCHEDULES = ("ladder", "constant", "linear", "steps")
 ATTN_UNITS = ("head", "kv_group")
-FORWARDS = ("dense", "sparse")
+FORWARDS = ("auto", "dense", "sparse")
 
 
 class SATConfigError(SATLMError, ValueError):
@@ -50,23 +50,27 @@ class SATConfig:
 
     omission_rate: float = 0.5
     """Maximum fraction of units omitted per step; the schedule scales it down over training."""
-    attn_omission_rate: float | None = None
-    """Maximum rate for attention units (query heads or KV groups); defaults to omission_rate."""
+    attn_omission_rate: float | None = 0.0
+    """Maximum rate for attention units (query heads or KV groups); None: omission_rate. Default 0: heads are kept
+    (measured on a real model, BENCHMARKS.md: omitting heads cost far more eval loss than it saved time)."""
     mlp_omission_rate: float | None = None
     """Maximum rate for MLP channels; defaults to omission_rate."""
     metric: str = "l2"
     """Unit importance: l2 (norm of activations), l1 (mean |activation|), output (norm of the unit's
     contribution to the layer output), random (uniform scores, a control)."""
-    selection: str = "sample"
-    """How kept units are chosen from scores: sample (Gumbel-top-k, proportional to score), topk, random."""
+    selection: str = "topk"
+    """How kept units are chosen from scores: topk (default; measured best on a real model), sample (Gumbel-top-k,
+    proportional to score), random."""
     source: str = "current"
     """current: importance from this batch's forward (paper mode); history: from earlier steps, so the
     selection is made before the forward and every projection shrinks."""
-    forward: str = "sparse"
-    """Where the omission acts (docs/method.md). sparse: omitted units contribute nothing to the step's output
-    (the step's loss is that of a thinned model). dense: the forward computes and uses every unit (the step's
-    loss is the dense model's) and only the backward runs over the kept units: no gradient flows through an
-    omitted unit and its weights get none. dense needs source=current: history's gain is a smaller forward."""
+    forward: str = "auto"
+    """Where the omission acts (docs/method.md). dense: the forward computes and uses every unit (the step's loss
+    is the dense model's) and only the backward runs over the kept units: no gradient flows through an omitted
+    unit and its weights get none. sparse: omitted units contribute nothing to the step's output (the step's loss
+    is that of a thinned model). auto (default): dense with source=current, sparse with source=history (dense
+    needs source=current: history's gain is a smaller forward). Chosen by measurement on a real model
+    (BENCHMARKS.md): at equal rates the dense forward lost far less eval loss."""
     schedule: str = "ladder"
     """Omission-rate schedule over training: ladder (LORS), constant, linear, steps."""
     rungs: int = 4
@@ -103,7 +107,7 @@ class SATConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("attn_unit", self.attn_unit, ATTN_UNITS)
         _choice("forward", self.forward, FORWARDS)
-        if self.forward == "dense" and self.source == "history":
+        if self.effective_forward == "dense" and self.source == "history":
             raise SATConfigError("SATConfig.forward='dense' needs source='current': a dense forward computes every "
                                  "unit, so history's gain (selecting before the forward, so that every projection "
                                  "shrinks) is gone and only its staler selection would remain; use "
@@ -161,6 +165,13 @@ class SATConfig:
                 )
             last = until
         self.steps = [[float(u), float(r)] for u, r in stairs]
+
+    @property
+    def effective_forward(self) -> str:
+        """forward with auto resolved: dense for source=current, sparse for history."""
+        if self.forward == "auto":
+            return "dense" if self.source == "current" else "sparse"
+        return self.forward
 
     # Rates per component, before the schedule scales them.
     @property

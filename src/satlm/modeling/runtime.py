@@ -61,4 +61,4 @@ class SATRuntime:
 
     @property
     def dense_forward(self) -> bool:
-        return self.config.forward == "dense"
+        return self.config.effective_forward == "dense"

@@ -111,4 +111,7 @@ def _thinned(run_dir: Path) -> bool:
         sat = (yaml.safe_load(cfg.read_text()) or {}).get("sat") or {}
     except (OSError, yaml.YAMLError):
         return False
-    return bool(sat.get("enabled")) and sat.get("forward", "sparse") == "sparse"
+    forward = sat.get("forward", "sparse")
+    if forward == "auto":
+        forward = "dense" if sat.get("source", "current") == "current" else "sparse"
+    return bool(sat.get("enabled")) and forward == "sparse"
