@@ -562,12 +562,14 @@ def build_datasets(cfg: RunConfig, tokenizer) -> RunData:
 
 def build_eval_dataset(path: Path, task: str, tokenizer, seq_len: int, template: str = "auto",
                        max_samples: int | None = None, text_field: str = "text",
-                       truncation: str = "truncate") -> torch.utils.data.Dataset:
-    """Held-out data alone, for `satlm eval`."""
+                       truncation: str = "truncate", fmt: str = "auto", columns: dict | None = None,
+                       train_on: str = "all") -> torch.utils.data.Dataset:
+    """Held-out data alone, for `satlm eval` (fmt, columns, train_on: as data.format, data.columns,
+    data.train_on)."""
     if task == "cpt":
         blocks = pack_blocks(load_documents(path, text_field, "eval"), tokenizer, seq_len, str(path))
         return BlockDataset(blocks[:max_samples] if max_samples else blocks)
-    convs = load_conversations(path, "eval")
+    convs = load_conversations(path, "eval", fmt, columns, train_on)
     chat = uses_chat_template(tokenizer, template)
     convs = convs[:max_samples] if max_samples else convs
     examples, dropped, cut = _sft_examples(convs, tokenizer, seq_len, chat, str(path), truncation)

@@ -20,6 +20,7 @@ import yaml
 from ..errors import DataError
 from ..run_config import EMBEDDED, TEMPLATES
 from .data import IGNORE_INDEX, build_eval_dataset, collator_for, detect_task, resolve_data
+from .formats import FORMATS, TRAIN_ON
 
 
 @torch.no_grad()
@@ -76,6 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N blocks or examples")
     parser.add_argument("--template", choices=TEMPLATES, default="auto", help="sft prompt format")
     parser.add_argument("--text-field", default="text", help="cpt: the JSONL field that holds the text")
+    parser.add_argument("--format", choices=FORMATS, default="auto",
+                        help="sft record format (as data.format in a run config); auto: from the fields")
+    parser.add_argument("--columns", default=None, metavar="JSON",
+                        help='sft: field renames as data.columns, as JSON, e.g. \'{"instruction": "question"}\'')
+    parser.add_argument("--train-on", choices=TRAIN_ON, default="all",
+                        help="sft: which assistant turns the loss counts (as data.train_on)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = parser.parse_args(argv)
 
@@ -90,8 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(model_path)
     seq_len = args.seq_len or _run_seq_len(Path(model_path)) or min(
         1024, int(getattr(model.config, "max_position_embeddings", 1024) or 1024))
+    try:
+        columns = json.loads(args.columns) if args.columns else None
+    except json.JSONDecodeError as e:
+        parser.error(f"--columns must be a JSON object: {e}")
+    if columns is not None and not isinstance(columns, dict):
+        parser.error("--columns must be a JSON object, e.g. '{\"instruction\": \"question\"}'")
     dataset = build_eval_dataset(data_path, task, tokenizer, seq_len, args.template, args.max_samples,
-                                 args.text_field)
+                                 args.text_field, fmt=args.format, columns=columns, train_on=args.train_on)
     result = evaluate_loss(model, dataset, collator_for(task, tokenizer), args.batch_size)
     result = {"model": model_path, "data": str(data_path), "task": task, "seq_len": seq_len,
               "examples": len(dataset), **result}

@@ -1,8 +1,8 @@
 """SFT packing: several examples in each seq_len row, with no attention across examples.
 
-Each row is the concatenation of whole examples (first fit, in data order); position ids restart at 0 for each
-example, and the first label of each example is ignored (it would be predicted from the previous example's last
-token). Batches carry `position_ids` and no attention mask: transformers then builds a block-diagonal causal
+Each row is the concatenation of whole examples (next fit, in data order: a row is closed when the next
+example does not fit); position ids restart at 0 for each example, and the first label of each example is
+ignored (it would be predicted from the previous example's last token). Batches carry `position_ids` and no attention mask: transformers then builds a block-diagonal causal
 mask from the restarts (masking_utils.find_packed_sequence_indices), so each token attends within its own
 example only, as it would in a padded batch. The tail of a row shorter than the batch's longest is padding: a
 sequence of its own, with no label. SAT's importance then counts every token of the batch (there is no padding
