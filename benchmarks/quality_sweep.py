@@ -90,7 +90,9 @@ def run(cmd: list[str], log: Path) -> int:
     with cpu_lock(), open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    time.sleep(30)  # let a job waiting for the lock take it before the next run (flock is not first come, first served)
+    return rc
 
 
 def row(name: str, what: str, command: str, result: dict, budget: str) -> dict:
@@ -173,9 +175,11 @@ def table(out: Path, dense_dir: Path | None = None) -> str:
 
     dense_dir = dense_dir or out / "dense"
     dense = json.loads((dense_dir / "summary.json").read_text())
-    lines = ["| variant | what | eval loss | vs dense | tokens/s vs dense | time to quality | tokens to quality |",
+    lines = ["| variant | what | eval loss | vs dense | tokens/s vs dense (of medians) | time to quality "
+             "| tokens to quality |",
              "|---|---|---|---|---|---|---|",
-             f"| dense | | {dense['eval_loss']:.4f} | | 1.00x ({dense['tokens_per_second']:.0f} tokens/s) | 1.00 | 1.00 |"]
+             f"| dense | | {dense['eval_loss']:.4f} | | 1.00x ({dense['tokens_per_second']:.0f} tokens/s; median "
+             f"{dense['tokens_per_second_median']:.0f}) | 1.00 | 1.00 |"]
     for vdir in sorted(p for p in out.iterdir() if (p / "compare.json").is_file()):
         sat = json.loads((vdir / "sat" / "summary.json").read_text())
         q = quality_metrics(dense_dir, vdir / "sat", dense)
@@ -184,7 +188,8 @@ def table(out: Path, dense_dir: Path | None = None) -> str:
         ttq = "never" if q["time_to_quality"] is None else f"{q['time_to_quality']:.2f}"
         tkq = "never" if q["tokens_to_quality"] is None else f"{q['tokens_to_quality']:.2f}"
         lines.append(f"| {name} | {what} | {sat['eval_loss']:.4f} | {100 * (sat['eval_loss'] / dense['eval_loss'] - 1):+.2f}% "
-                     f"| {sat['tokens_per_second'] / dense['tokens_per_second']:.2f}x | {ttq} | {tkq} |")
+                     f"| {sat['tokens_per_second'] / dense['tokens_per_second']:.2f}x "
+                     f"({sat['tokens_per_second_median'] / dense['tokens_per_second_median']:.2f}x) | {ttq} | {tkq} |")
     return "\n".join(lines)
 
 
