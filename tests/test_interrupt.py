@@ -57,6 +57,8 @@ def _assert_matches(out, straight):
         assert a == pytest.approx(b, abs=1e-6), step
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] and summary["eval_loss"] == pytest.approx(straight["summary"]["eval_loss"], abs=1e-6)
+    # the resumed summary reads the run's whole metrics, not only this process's steps
+    assert summary["train_loss"] == pytest.approx(straight["summary"]["train_loss"], abs=1e-6)
     assert (out / "final").is_dir() and not (out / guard.STAGING_DIR).exists()
 
 
