@@ -19,6 +19,13 @@ ATTN_UNITS = ("head", "kv_group")
 FORWARDS = ("auto", "dense", "sparse")
 
 
+def resolve_forward(forward: str, source: str) -> str:
+    """SATConfig.forward with `auto` resolved: dense for source=current, sparse for history."""
+    if forward == "auto":
+        return "dense" if source == "current" else "sparse"
+    return forward
+
+
 class SATConfigError(SATLMError, ValueError):
     """A bad SATConfig value; the message names the field and what is allowed."""
 
@@ -169,9 +176,7 @@ class SATConfig:
     @property
     def effective_forward(self) -> str:
         """forward with auto resolved: dense for source=current, sparse for history."""
-        if self.forward == "auto":
-            return "dense" if self.source == "current" else "sparse"
-        return self.forward
+        return resolve_forward(self.forward, self.source)
 
     # Rates per component, before the schedule scales them.
     @property

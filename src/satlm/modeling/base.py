@@ -1,7 +1,7 @@
 """What every wrapped module shares: the original module as `base_layer` (its children, parameters and buffers
-shared, so that every name is the plain architecture's), the runtime and the unit selector. The first branch of every forward is the dense path (the base layer
-itself, untouched); the sparse path runs only in training, while SAT is enabled and the scheduled rate omits at
-least one unit."""
+shared, so that every name is the plain architecture's), the runtime and the unit selector. The first branch of
+every forward is the dense path (the base layer itself, untouched); the sparse path runs only in training, while
+SAT is enabled and the scheduled rate omits at least one unit."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def _thinned(run_dir: Path) -> bool:
         sat = (yaml.safe_load(cfg.read_text()) or {}).get("sat") or {}
     except (OSError, yaml.YAMLError):
         return False
-    forward = sat.get("forward", "sparse")
-    if forward == "auto":
-        forward = "dense" if sat.get("source", "current") == "current" else "sparse"
+    from ..config import resolve_forward
+
+    forward = resolve_forward(sat.get("forward", "sparse"), sat.get("source", "current"))
     return bool(sat.get("enabled")) and forward == "sparse"
