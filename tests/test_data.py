@@ -184,3 +184,91 @@ def test_json_list_files_are_read_as_records(tmp_path):
     (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}]))
     [(where, messages)] = load_conversations(tmp_path / "alpaca.json")
     assert where.endswith("alpaca.json[0]") and messages[1] == {"role": "assistant", "content": "b", "train": True}
+
+
+# -- chat templates: rendered once, the trained spans found in the render ------------------------------------
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+DEFAULT_SYSTEM = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+                  "<|im_end|>\n{% endif %}" + CHATML)
+# Qwen3-like: an earlier assistant turn's reasoning is dropped from the render, the last turn keeps it, so the
+# render of the first turns is not a prefix of the whole render.
+DROPS_REASONING = (
+    "{% for m in messages %}{% set c = m['content'] %}"
+    "{% if m['role'] == 'assistant' and not loop.last and '</think>' in c %}"
+    "{% set c = c.split('</think>')[-1].lstrip() %}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ c }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MARKED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}"
+          "{{ m['content'] }}<|im_end|>{% endgeneration %}\n{% else %}<|im_start|>{{ m['role'] }}\n"
+          "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}")
+TURNS = [{"role": "user", "content": "the loss"}, {"role": "assistant", "content": "falls"},
+         {"role": "user", "content": "and then"}, {"role": "assistant", "content": "slowly"}]
+
+
+def _templated(template):
+    tok = make_tokenizer()
+    tok.chat_template = template
+    return tok
+
+
+def _trained_runs(tok, example):
+    """The trained tokens as texts, one per contiguous run: an independent reading of the labels."""
+    runs, run = [], []
+    for i, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE_INDEX:
+            run.append(i)
+        elif run:
+            runs, run = runs + [tok.decode(run)], []
+    return runs + ([tok.decode(run)] if run else [])
+
+
+@pytest.mark.parametrize("template", [CHATML, DEFAULT_SYSTEM, MARKED], ids=["chatml", "default-system", "marked"])
+def test_chat_template_trains_each_answer_and_its_end_of_turn(template):
+    tok = _templated(template)
+    ex = encode_conversation(TURNS, tok, 256, chat=True)
+    assert _trained_runs(tok, ex) == ["falls<|im_end|>", "slowly<|im_end|>"]
+    # the ids are the template's own tokenization of the one render
+    assert ex["input_ids"] == tok.apply_chat_template(TURNS, tokenize=True, return_dict=True)["input_ids"]
+    if template is DEFAULT_SYSTEM:
+        assert tok.decode(ex["input_ids"]).startswith("<|im_start|>system\nYou are a helpful assistant.")
+    last = [dict(m, train=m["content"] == "slowly") for m in TURNS]  # data.train_on=last
+    assert _trained_runs(tok, encode_conversation(last, tok, 256, chat=True)) == ["slowly<|im_end|>"]
+
+
+def test_chat_template_that_drops_earlier_reasoning():
+    tok = _templated(DROPS_REASONING)
+    turns = [{"role": "user", "content": "two plus two"},
+             {"role": "assistant", "content": "<think>add them</think>\n\nfour"},
+             {"role": "user", "content": "and three more"},
+             {"role": "assistant", "content": "<think>four and three</think>\n\nseven"}]
+    ex = encode_conversation(turns, tok, 256, chat=True)
+    text = tok.decode(ex["input_ids"])
+    assert "add them" not in text and "four and three" in text  # what the template renders is what is trained
+    assert _trained_runs(tok, ex) == ["four<|im_end|>", "<think>four and three</think>\n\nseven<|im_end|>"]
+
+
+def test_an_answer_that_repeats_the_question_is_found_in_its_own_turn():
+    tok = _templated(CHATML)
+    turns = [{"role": "user", "content": "yes"}, {"role": "assistant", "content": "yes"}]
+    ex = encode_conversation(turns, tok, 256, chat=True)
+    assert _trained_runs(tok, ex) == ["yes<|im_end|>"]
+    first_trained = next(k for k, label in enumerate(ex["labels"]) if label != IGNORE_INDEX)
+    assert tok.decode(ex["input_ids"][:first_trained]).endswith("<|im_start|>assistant\n")
+
+
+def test_a_template_that_rewrites_the_answer_is_refused():
+    tok = _templated(CHATML.replace("{{ m['content'] }}", "{{ m['content'] | upper }}"))
+    with pytest.raises(DataError, match=r"x\.jsonl:3: the chat template does not render assistant turn 1"):
+        encode_conversation(TURNS, tok, 256, chat=True, where="x.jsonl:3")
+
+
+def test_chat_truncation_counts_only_lost_trained_tokens():
+    tok = _templated(CHATML)
+    full = encode_conversation(TURNS, tok, 256, chat=True)
+    n = len(full["input_ids"])
+    tail = full["labels"][-1] == IGNORE_INDEX  # the "\n" after the last <|im_end|>: untrained
+    assert tail and encode_conversation(TURNS, tok, n - 1, chat=True, truncation="error")["labels"] == \
+        full["labels"][: n - 1]
+    with pytest.raises(DataError, match="longer than seq_len"):
+        encode_conversation(TURNS, tok, n - 3, chat=True, truncation="error")

@@ -107,3 +107,27 @@ def test_compare_on_the_real_model_reports_time_to_quality(real_model_path, tmp_
     assert result["sat"]["steps"] == 4 and result["config"]["sat"]["forward"] == "dense"
     evals = [json.loads(line) for line in (out / "sat" / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2, 4]
+
+
+def test_real_chatml_template_trains_the_answers_only(real_model_path):
+    """SmolLM2's own ChatML template (it inserts a default system prompt), rendered once: the trained tokens
+    are each answer and its <|im_end|>, read back independently of satlm's span search."""
+    from transformers import AutoTokenizer
+
+    from satlm.recipes.data import IGNORE_INDEX, encode_conversation
+
+    tok = AutoTokenizer.from_pretrained(real_model_path)
+    turns = [{"role": "user", "content": "What does SAT leave out?"},
+             {"role": "assistant", "content": "The least important heads and channels."},
+             {"role": "user", "content": "And at the end?"},
+             {"role": "assistant", "content": "Nothing: the ladder ends dense."}]
+    ex = encode_conversation(turns, tok, 512, chat=True)
+    assert ex["input_ids"] == tok.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
+    assert "<|im_start|>system\n" in tok.decode(ex["input_ids"][:20])  # the template's default system prompt
+    runs, run = [], []
+    for i, label in zip(ex["input_ids"] + [None], ex["labels"] + [IGNORE_INDEX]):
+        if label != IGNORE_INDEX:
+            run.append(i)
+        elif run:
+            runs, run = runs + [tok.decode(run)], []
+    assert runs == ["The least important heads and channels.<|im_end|>", "Nothing: the ladder ends dense.<|im_end|>"]
