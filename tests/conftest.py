@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# The tokenized-data cache of the tests' runs goes to a folder of this test session, not ~/.cache/satlm
+# (torchrun children inherit it).
+os.environ.setdefault("SATLM_TOKENIZED_CACHE", tempfile.mkdtemp(prefix="satlm-tokenized-"))
 
 torch.set_num_threads(2)
 

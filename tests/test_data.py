@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,3 +273,42 @@ def test_chat_truncation_counts_only_lost_trained_tokens():
         full["labels"][: n - 1]
     with pytest.raises(DataError, match="longer than seq_len"):
         encode_conversation(TURNS, tok, n - 3, chat=True, truncation="error")
+
+
+# -- tokenize once: the on-disk cache ------------------------------------------------------------------------
+def _rows(ds):
+    return [{k: torch.as_tensor(v).tolist() for k, v in ds[i].items() if k != "examples"} for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("task,packing", [("cpt", False), ("sft", False), ("sft", True)])
+def test_tokenized_cache_is_built_once_then_read_memory_mapped(tmp_path, tok, monkeypatch, task, packing):
+    import numpy as np
+
+    from satlm.recipes import data as data_mod
+
+    if task == "cpt":
+        path = write_jsonl(tmp_path / "d.jsonl", [{"text": s} for s in sentences(60)])
+    else:
+        path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Repeat.", "input": s, "output": s}
+                                                  for s in sentences(40, words=4)])
+    over = [f"task={task}", "seq_len=64", f"data.train={path}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"data.packing={str(packing).lower()}"]
+    plain = build_datasets(load_run_config(None, over + ["data.cache=false"]), tok)
+    first = build_datasets(load_run_config(None, over), tok)
+    assert first.info["tokenized_cache"] == "built"
+    monkeypatch.setattr(data_mod, "_build_in_memory", lambda *a: pytest.fail("tokenized again"))
+    second = build_datasets(load_run_config(None, over), tok)
+    assert second.info["tokenized_cache"] == "read" and second.info["train_tokens"] == plain.info["train_tokens"]
+    for got, want in ((first.train, plain.train), (second.train, plain.train), (second.eval, plain.eval)):
+        assert _rows(got) == _rows(want)
+    ids = np.load(Path(second.info["tokenized_cache_dir"]) / "train_ids.npy", mmap_mode="r")
+    assert isinstance(ids, np.memmap) and ids.dtype == np.uint16  # a 320-token vocabulary fits in 16 bits
+    batch = second.collator([second.train[0], second.train[1]])
+    assert torch.equal(batch["labels"], plain.collator([plain.train[0], plain.train[1]])["labels"])
+    monkeypatch.undo()
+    with open(path, "a") as f:  # the data changed: tokenized again
+        f.write(json.dumps({"text": "one more", "instruction": "x", "output": "y"}) + "\n")
+    assert build_datasets(load_run_config(None, over), tok).info["tokenized_cache"] == "built"
+    assert build_datasets(load_run_config(None, over + ["seq_len=56"]), tok).info["tokenized_cache"] == "built"
+    builds = (tmp_path / "cache" / "tokenized" / "builds.log").read_text().splitlines()
+    assert len(builds) == 3

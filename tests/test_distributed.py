@@ -247,3 +247,17 @@ def test_fsdp_shards_and_trains_as_one_rank(fsdp_run, case):
     error = a.get("state_dict_error")
     assert error is None, error
     assert_matches_one_rank(case, a, states.get(case))
+
+
+def test_tokenized_once_under_torchrun_and_read_on_resume(tmp_path, tiny_model_dir, tiny_data):
+    """Two ranks build the tokenized cache once (one process tokenizes, the other waits and memory-maps it);
+    the resumed launch reads it and tokenizes nothing."""
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    cfg = recipe_config(tiny_model_dir, tiny_data, out, batch_size=2, **{"data.cache_dir": str(cache)})
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.to_yaml())
+    torchrun(str(WORKER), "recipe", str(out), str(config), "overwrite=true", "--stop-at", "4")
+    log = cache / "tokenized" / "builds.log"
+    assert len(log.read_text().splitlines()) == 1
+    torchrun("-m", "satlm.cli", "train", str(config), f"output_dir={out}", "--resume")
+    assert len(log.read_text().splitlines()) == 1 and [r["step"] for r in records(out)] == list(range(1, 9))

@@ -71,8 +71,12 @@ class DataConfig:
     group_by_length: bool = True
     """sft: batch examples of similar length together (less padding, same examples per epoch); cpt blocks
     all have one length."""
+    cache: bool = True
+    """Tokenize once: the tokenized train and eval rows are cached under <cache_dir>/tokenized (keyed by the
+    data files, tokenizer, seq_len and data settings), built by one process and memory-mapped by all (the
+    ranks of torchrun, a resume); false: tokenize in memory at every launch."""
     cache_dir: str | None = None
-    """Where the embedded demo data is written once; null: $SATLM_CACHE or ~/.cache/satlm."""
+    """Where the embedded demo data and the tokenized cache are written; null: $SATLM_CACHE or ~/.cache/satlm."""
 
 
 @dataclass

@@ -528,8 +528,8 @@ class SFTCollator:
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
+            ids[i, :n] = torch.as_tensor(b["input_ids"])
+            labels[i, :n] = torch.as_tensor(b["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -582,13 +582,29 @@ def _warn_truncation(name: str, seq_len: int, cut: int, dropped: int, total: int
 
 
 def build_datasets(cfg: RunConfig, tokenizer) -> RunData:
-    """The train and eval datasets and the collator of a run config."""
+    """The train and eval datasets and the collator of a run config; with data.cache (default) tokenized once
+    into the on-disk cache (satlm.recipes.tokcache) and memory-mapped from it."""
     d, task = cfg.data, cfg.task
     train_path = resolve_data(d.train, task, "train", d.cache_dir, d.subset, d.split)
     eval_spec = d.eval if d.eval is not None else (EMBEDDED if d.train == EMBEDDED else None)
     eval_path = resolve_data(eval_spec, task, "eval", d.cache_dir, d.subset) if eval_spec is not None else None
     if eval_path is None and is_hf_dataset(train_path) and hf_eval_split(train_path):
         eval_path = train_path
+    if not d.cache:
+        return _build_in_memory(cfg, tokenizer, train_path, eval_path)
+    from .tokcache import cached_build
+
+    def finish(train, eval_, info):
+        if task == "sft" and d.packing:
+            return RunData(train, eval_, PackedCollator(tokenizer.pad_token_id), info, collator_for(task, tokenizer))
+        return RunData(train, eval_, collator_for(task, tokenizer), info)
+
+    return cached_build(cfg, tokenizer, train_path, eval_path,
+                        lambda: _build_in_memory(cfg, tokenizer, train_path, eval_path), finish)
+
+
+def _build_in_memory(cfg: RunConfig, tokenizer, train_path, eval_path) -> RunData:
+    d, task = cfg.data, cfg.task
     cap = d.max_eval_samples
     info: dict[str, Any] = {"train_path": str(train_path), "eval_path": str(eval_path) if eval_path else "held out"}
 

@@ -48,8 +48,8 @@ class PackedCollator:
         positions = torch.arange(width).repeat(len(batch), 1)
         for i, b in enumerate(batch):
             n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
-            positions[i, :n] = torch.tensor(b["position_ids"])
+            ids[i, :n] = torch.as_tensor(b["input_ids"])
+            labels[i, :n] = torch.as_tensor(b["labels"])
+            positions[i, :n] = torch.as_tensor(b["position_ids"])
             positions[i, n:] = torch.arange(width - n)
         return {"input_ids": ids, "labels": labels, "position_ids": positions}

@@ -189,6 +189,8 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
         check_supported(model_path)
     tokenizer = load_tokenizer(model_path)
     data = build_datasets(cfg, tokenizer)
+    if not quiet and is_main_process() and "tokenized_cache" in data.info:
+        print(f"satlm train: tokenized data {data.info['tokenized_cache']} ({data.info['tokenized_cache_dir']})")
     world = max(1, args.world_size)
     if len(data.train) < cfg.batch_size * world:
         raise DataError(f"{data.info['train_path']}: {len(data.train)} training sequences, fewer than one batch "
@@ -257,7 +259,8 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
             "model": model_path,
             "sat_enabled": cfg.sat.enabled,
             "precision": precision,
-            "data": data.info,
+            # where the tokens came from (built / read from the cache) differs between a run and its resume
+            "data": {k: v for k, v in data.info.items() if not k.startswith("tokenized_cache")},
         }
         if completed:
             model.config.use_cache = use_cache
