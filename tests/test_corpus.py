@@ -157,3 +157,11 @@ def test_shipped_base_model_loads_with_plain_transformers_and_has_learned_code(m
     with torch.no_grad():
         loss = model(input_ids=x, labels=x).loss.item()
     assert loss < 5.5  # untrained: ln(8192) = 9.0; unigram baseline ~6.5; this file scores 4.77 (first 256 tokens)
+
+
+def test_short_answer_pairs_answer_with_a_function_name():
+    from satlm.recipes.corpus import short_answer_pairs
+
+    rows = short_answer_pairs("eval")
+    assert len(rows) > 100 and all(r["output"].isidentifier() for r in rows)
+    assert sum(len(r["output"]) for r in rows) / len(rows) < 30  # one-word answers

@@ -60,7 +60,6 @@ def analytic(source: str | None, kept: list[dict]) -> float:
 
 def kept_ratios(model, unit: str) -> list[dict]:
     out = []
-    rep = H // KV
     for entry in satlm.sat_state(model)["layers"]:
         mlp, attn = entry["mlp"], entry["attn"]
         km = len(mlp["kept"]) / F if mlp["kept"] is not None else 1.0
@@ -68,7 +67,7 @@ def kept_ratios(model, unit: str) -> list[dict]:
         if unit == "kv_group":
             kh = kg = len(units) / KV
         else:
-            kh, kg = len(units) / H, len({h // rep for h in units}) / KV
+            kh, kg = len(units) / H, 1.0  # every K/V group is projected (no host sync to count the used ones)
         out.append({"km": km, "kh": kh, "kg": kg})
     return out
 

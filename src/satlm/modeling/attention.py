@@ -83,9 +83,11 @@ class SATAttention(_SATModule):
             return heads, units, None
         if self.rep == 1:
             return units, units, None
-        group_of = torch.div(units, self.rep, rounding_mode="floor")
-        groups = torch.unique(group_of)  # sorted; a host sync (the kept-group count sets K/V shapes)
-        return units, groups, torch.searchsorted(groups, group_of)
+        # Every K/V group is projected: which groups a kept head uses is known on the device only, and counting
+        # them (torch.unique) would stop the host at every layer and step. A group no kept head uses gets a zero
+        # gradient, as in the masked reference; its K/V projection is the only extra work (kg = 1).
+        groups = torch.arange(self.n_kv, device=units.device)
+        return units, groups, torch.div(units, self.rep, rounding_mode="floor")
 
     def _heads(self, q, k, cos, sin, heads=None, groups=None):
         """(B, T, h*hd) q and k of these heads (None: every head) -> (B, h, T, hd), normed and rotated as the

@@ -243,6 +243,23 @@ def docstring_pairs(split: str) -> list[dict]:
     return [{"instruction": SFT_INSTRUCTION, "input": function, "output": answer} for function, answer in _pairs(split)]
 
 
+SHORT_INSTRUCTION = "Name the Python function that this docstring documents."
+
+
+def short_answer_pairs(split: str) -> list[dict]:
+    """A short-answer SFT set: a standard-library docstring in, the function's name out (a few tokens), as in
+    most instruction sets, whose answers are one line; split by file like docstring_pairs."""
+    import re
+
+    _check_split(split)
+    rows = []
+    for function, answer in _pairs(split):
+        name = re.search(r"def\s+(\w+)", function)
+        if name:
+            rows.append({"instruction": SHORT_INSTRUCTION, "input": answer, "output": name.group(1)})
+    return rows
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
