@@ -59,6 +59,11 @@ def _assert_matches(out, straight):
     assert summary["completed"] and summary["eval_loss"] == pytest.approx(straight["summary"]["eval_loss"], abs=1e-6)
     # the resumed summary reads the run's whole metrics, not only this process's steps
     assert summary["train_loss"] == pytest.approx(straight["summary"]["train_loss"], abs=1e-6)
+    timing = {k for k in summary if "second" in k}  # wall time, tokens/s: the only fields a resume may change
+    assert set(summary) == set(straight["summary"])
+    for key in set(summary) - timing:
+        want = straight["summary"][key]
+        assert summary[key] == (pytest.approx(want, abs=1e-6) if isinstance(want, float) else want), key
     assert (out / "final").is_dir() and not (out / guard.STAGING_DIR).exists()
 
 
