@@ -1,6 +1,7 @@
 """satlm: Sparsity-Accelerated Training for Hugging Face decoder LLMs."""
 
 from .config import SATConfig, SATConfigError
+from .errors import GradientCheckpointingError
 from .modeling.adapters import ADAPTERS
 from .modeling.attention import SATAttention
 from .modeling.families import FAMILIES, UnsupportedModelError
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ADAPTERS",
     "FAMILIES",
+    "GradientCheckpointingError",
     "SATAttention",
     "SATConfig",
     "SATConfigError",

@@ -39,3 +39,8 @@ class CheckpointError(SATLMError):
 
 __all__ = ["SATLMError", "RunConfigError", "DataError", "ModelLoadError", "TrainingInterrupted", "NumericalError",
            "CheckpointError"]
+
+
+class GradientCheckpointingError(SATLMError, RuntimeError):
+    """A second training forward before the first one's backward, under gradient checkpointing: the first
+    forward's layers would be recomputed in the backward with the second forward's kept units."""

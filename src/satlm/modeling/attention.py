@@ -178,7 +178,9 @@ class SATAttention(_SATModule):
         else:
             # Every head is attended without autograd to score the heads (and, forward=dense, for the output);
             # the kept heads' outputs are taken from that pass when it ran SDPA's CPU flash kernel.
-            attend_all = rt.dense_forward or (fresh and metric != "random")
+            # A recomputation (gradient checkpointing, `fresh` False) attends every head again too, so that it
+            # takes the same path (flash reuse or not) and saves the same tensors as the first pass.
+            attend_all = rt.dense_forward or metric != "random"
             flash = self._flash_reuse(attend_all, x, attention_mask, dropout, extra)
             with torch.no_grad():
                 if full_norm:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+import torch
 import torch.nn as nn
 
 from ..config import SATConfig, SATConfigError
+from ..errors import GradientCheckpointingError
 from .attention import SATAttention
 from .base import _SATModule
 from .families import Layout, UnsupportedModelError, decoder_layers, get_path, layout_for
@@ -132,17 +134,40 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
 
     def _begin_forward(module, args, kwargs):
         if module.training:
+            if runtime.awaiting_backward and torch.is_grad_enabled() and _checkpointing(model):
+                raise GradientCheckpointingError(
+                    "a second training forward before the backward of the first, with gradient checkpointing "
+                    "on: the first forward's layers would be recomputed with the second's kept units (SAT keeps "
+                    "one selection per layer). Call backward after each forward, or turn gradient "
+                    "checkpointing off for this")
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             runtime.begin_forward(mask)
 
+    def _end_forward(module, args, kwargs, output):
+        logits = None  # what the backward reaches right after the loss: the owner's first output
+        for name in ("logits", "last_hidden_state"):
+            if logits is None:
+                logits = getattr(output, name, None)
+        if logits is None and isinstance(output, (tuple, list)) and output:
+            logits = output[0]
+        if module.training and isinstance(logits, torch.Tensor) and logits.requires_grad:
+            runtime.awaiting_backward = True
+
+            def _backward_started(grad):
+                runtime.awaiting_backward = False
+
+            logits.register_hook(_backward_started)
+
     model.sat_runtime = runtime
     model.sat_hook = owner.register_forward_pre_hook(_begin_forward, with_kwargs=True)
+    model.sat_end_hook = owner.register_forward_hook(_end_forward, with_kwargs=True)
     model.sat_config = config
     try:
         self_check(model, wrapped, layout)
     except BaseException:
         remove_sat(model)
         raise
+    runtime.awaiting_backward = False
     return outer
 
 
@@ -156,9 +181,15 @@ def remove_sat(model: nn.Module) -> nn.Module:
             if isinstance(wrapped, _SATModule):
                 setattr(layer, name, wrapped.base_layer)
     model.sat_hook.remove()
+    model.sat_end_hook.remove()
     for attr in [a for a in vars(model) if a.startswith("sat_")]:
         delattr(model, attr)
     return model
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether any module of the model recomputes its forward in the backward (transformers' flag)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 @contextlib.contextmanager

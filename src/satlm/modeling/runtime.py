@@ -23,6 +23,8 @@ class SATRuntime:
         # Incremented once per training forward of the model. A layer that sees the same id twice is being
         # recomputed (gradient checkpointing) and must reuse its selection.
         self.forward_id = 0
+        # True from a training forward (whose logits need a gradient) until its backward reaches the logits.
+        self.awaiting_backward = False
         self.token_mask: torch.Tensor | None = None  # (B, T) of the current batch, 1 = real token
         # (forward id, attention mask, dtype, its additive form): every layer of a forward gets the same mask,
         # which paper mode's flash path converts once per forward.
