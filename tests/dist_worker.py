@@ -127,6 +127,7 @@ def wrap_model(model, wrap: str, world: int):
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                                 transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
         stub = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
+                                     device=torch.device("cpu"),  # read by accelerate >= 1.16
                                      is_main_process=rank_world()[0] == 0)
         return fsdp2_prepare_model(stub, model)
     if wrap.startswith("fsdp1"):
