@@ -444,10 +444,11 @@ def uses_chat_template(tokenizer, template: str) -> bool:
 def _encode(messages: list[dict], tokenizer, seq_len: int, chat: bool, where: str) -> tuple[dict | None, bool]:
     """(example truncated to seq_len, or None when no response token is left; whether truncation lost response
     tokens; losing only the untrained text after the last response does not count)."""
+    later = False  # builtin: a trained segment left untokenized past seq_len
     if chat:
         ids, trained = _chat_tokens(messages, tokenizer, where)
     else:  # the builtin format: segments, tokenized one by one and not past seq_len (a huge example costs little)
-        ids, trained, later = [], [], False
+        ids, trained = [], []
         segments = _builtin_segments(messages, tokenizer)
         for k, (part, train) in enumerate(segments):
             part_ids = part if isinstance(part, list) else tokenizer(part, add_special_tokens=False)["input_ids"]
@@ -456,7 +457,7 @@ def _encode(messages: list[dict], tokenizer, seq_len: int, chat: bool, where: st
             if len(ids) > seq_len:
                 later = any(t for _, t in segments[k + 1:])
                 break
-    cut = any(trained[seq_len:]) or (not chat and later)
+    cut = later or any(trained[seq_len:])
     ids, trained = ids[:seq_len], trained[:seq_len]
     labels = [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]
     if all(label == IGNORE_INDEX for label in labels[1:]):  # the first label is never predicted

@@ -25,8 +25,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .fetch import cache_root as satlm_cache_root
+from .packing import IGNORE_INDEX
+
 FORMAT = 1  # bump when the rows a config produces change
-IGNORE_INDEX = -100
 SPLITS = ("train", "eval")
 
 
@@ -35,7 +37,7 @@ def cache_root(cache_dir: str | None) -> Path:
     $SATLM_CACHE or ~/.cache/satlm; under each, `tokenized/`."""
     if cache_dir is None and os.environ.get("SATLM_TOKENIZED_CACHE"):
         return Path(os.environ["SATLM_TOKENIZED_CACHE"]).expanduser()
-    return Path(cache_dir or os.environ.get("SATLM_CACHE") or "~/.cache/satlm").expanduser() / "tokenized"
+    return (Path(cache_dir).expanduser() if cache_dir else satlm_cache_root()) / "tokenized"
 
 
 def _files_fingerprint(path) -> list:
