@@ -53,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kept-size", action="store_true",
                    help="also time, interleaved, a dense model of each rate's kept size (kept heads and MLP "
                         "channels, all else equal): the speedup SAT would have with no overhead at all")
+    p.add_argument("--compile", action="store_true",
+                   help="time torch.compile'd steps (inductor; the model, or the layer with --per-layer), dense and "
+                        "SAT alike; FLOPs and memory are counted on the eager step, which computes the same")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="draw speedup against rate beside the ideal (PNG)")
     return p
@@ -123,13 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     base_model = model
     model = with_lora(model, args.lora)
     bench = Bench(model, per_layer=args.per_layer, batch_size=args.batch_size, seq_len=args.seq_len,
-                  device=device, attn_unit=args.attn_unit, attn_rate=args.attn_rate, selection=args.selection)
+                  device=device, attn_unit=args.attn_unit, attn_rate=args.attn_rate, selection=args.selection,
+                  compile=args.compile)
 
     what = "one decoder layer" if args.per_layer else f"{cfg.num_hidden_layers} layers"
     what += f", LoRA r={args.lora} on every linear" if args.lora else ""
     print(f"satlm bench: {what}, d={cfg.hidden_size} f={cfg.intermediate_size} heads={cfg.num_attention_heads}"
           f"/{cfg.num_key_value_heads} vocab={cfg.vocab_size}, B={args.batch_size} T={args.seq_len} "
-          f"{args.dtype} on {device} ({torch.get_num_threads()} threads), {args.repeats} interleaved repeats",
+          f"{args.dtype} on {device} ({torch.get_num_threads()} threads), {args.repeats} interleaved repeats"
+          + (", torch.compile (inductor)" if args.compile else ", eager"),
           flush=True)
 
     def progress(i, n):
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         kept_size = {r: Bench(with_lora(kept_size_model(base_model, r, args.attn_unit), args.lora),
                               per_layer=args.per_layer,
                               batch_size=args.batch_size, seq_len=args.seq_len, device=device,
-                              attn_unit=args.attn_unit) for r in rates}
+                              attn_unit=args.attn_unit, compile=args.compile) for r in rates}
     variants = run(bench, sources, rates, args.warmup, args.repeats, progress, kept_size, forwards)
     dense, rows = summarize(variants, bench.tokens)
     print(" " * 20, end="\r", file=sys.stderr)
@@ -156,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                   "layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size, "per_layer": args.per_layer,
                   "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
                   "attn_unit": args.attn_unit, "attn_implementation": cfg._attn_implementation,
-                  "attn_rate": args.attn_rate, "selection": args.selection, "lora": args.lora},
+                  "attn_rate": args.attn_rate, "selection": args.selection, "lora": args.lora,
+                  "compile": args.compile},
         "dense": dense,
         "results": rows,
     }

@@ -139,7 +139,7 @@ class Bench:
     """Holds the model, the data and the step function for whole-model or per-layer timing."""
 
     def __init__(self, model, *, per_layer: bool, batch_size: int, seq_len: int, device: str, attn_unit: str,
-                 seed: int = 0, attn_rate: float | None = None, selection: str = "sample"):
+                 seed: int = 0, attn_rate: float | None = None, selection: str = "sample", compile: bool = False):
         self.model, self.per_layer, self.device = model, per_layer, device
         # The attention omission rate of every variant: None = the variant's rate (heads and channels alike).
         self.attn_rate = (lambda rate: None) if attn_rate is None else (lambda rate: attn_rate)
@@ -167,12 +167,19 @@ class Bench:
             self.grad_out = torch.randn(batch_size, seq_len, d, generator=g).to(device=device, dtype=dtype)
             self.optimizer = None
         else:
+            self.layer = None
             fused = device.startswith("cuda") or device == "cpu"
             trainable = [p for p in model.parameters() if p.requires_grad]
             try:
                 self.optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=fused)
             except (RuntimeError, TypeError):
                 self.optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+        # --compile: the timed steps call the compiled model (or layer); each variant compiles in its warm-up (one
+        # graph per distinct kept count, so the limit is raised for the variants of one bench).
+        self.compiled = None
+        if compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self.compiled = torch.compile(self.layer if per_layer else model)
 
     @contextlib.contextmanager
     def variant(self, v: Variant):
@@ -190,14 +197,16 @@ class Bench:
         finally:
             self.runtime.config = cfg
 
-    def forward_backward(self) -> None:
-        self.runtime.begin_forward(None)
+    def forward_backward(self, compiled: bool = True) -> None:
+        """One forward and backward; compiled (with --compile) unless told otherwise (FLOP and memory counts)."""
+        self.runtime.begin_forward(None, torch.device(self.device))  # the layer alone has no model pre-hook
+        call = self.compiled if (compiled and self.compiled is not None) else None
         if self.per_layer:
-            out = self.layer(self.x, attention_mask=self.mask, position_embeddings=self.pos_emb)
+            out = (call or self.layer)(self.x, attention_mask=self.mask, position_embeddings=self.pos_emb)
             out = out[0] if isinstance(out, tuple) else out
             out.backward(self.grad_out)
         else:
-            self.model(**self.batch).loss.backward()
+            (call or self.model)(**self.batch).loss.backward()
 
     def step(self) -> None:
         self.forward_backward()
@@ -230,7 +239,7 @@ class Bench:
                 self.mask = torch.full((seq, seq), float("-inf")).triu(1).to(self.x.dtype)[None, None]
         try:
             with flop_counter() as counter:
-                self.forward_backward()
+                self.forward_backward(compiled=False)
         finally:
             if swap:
                 cfg._attn_implementation = impl
@@ -257,7 +266,7 @@ class Bench:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self.forward_backward()
+            self.forward_backward(compiled=False)
         self.model.zero_grad(set_to_none=True)
         if self.per_layer:
             self.x.grad = None

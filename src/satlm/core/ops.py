@@ -31,12 +31,33 @@ def _scatter_rows(weight: torch.Tensor, idx: torch.Tensor, part: torch.Tensor) -
     return torch.zeros_like(weight).index_copy_(0, idx, part.to(weight.dtype))
 
 
+def _unique(tensors) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    """The distinct tensors of a list (by identity) and where each entry is among them. An autograd Function is
+    handed each tensor once: torch.compile cannot trace one that receives the same tensor twice (k and v share
+    their kept groups' indices, gate and up their kept channels')."""
+    uniq: list[torch.Tensor] = []
+    where = []
+    for t in tensors:
+        j = next((i for i, u in enumerate(uniq) if u is t), None)
+        if j is None:
+            uniq.append(t)
+            j = len(uniq) - 1
+        where.append(j)
+    return uniq, tuple(where)
+
+
+# Positions of _RowLinears.forward's inputs, for ctx.needs_input_grad: weights follow _RW, then biases, outputs,
+# and the distinct index tensors.
+_RW = 4
+
+
 class _RowLinears(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, n, compute, *tensors):
-        weights, idxs, biases, outs = (tensors[i * n:(i + 1) * n] for i in range(4))
-        ctx.save_for_backward(x, *weights, *idxs)
-        ctx.n = n
+    def forward(ctx, x, n, compute, where, *tensors):
+        weights, biases, outs, uniq = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
+        idxs = [uniq[j] for j in where]
+        ctx.save_for_backward(x, *weights, *uniq)
+        ctx.n, ctx.where = n, where
         ctx.biases = [(b.shape, b.dtype) if b is not None else None for b in biases]
         if compute:  # history mode: one GEMM over the stacked kept rows (autocast applies here as usual)
             w = _kept_rows(weights, idxs)
@@ -51,7 +72,8 @@ class _RowLinears(torch.autograd.Function):
     def backward(ctx, *grads):
         x, *rest = ctx.saved_tensors
         n = ctx.n
-        weights, idxs = rest[:n], rest[n:]
+        weights, uniq = rest[:n], rest[n:]
+        idxs = [uniq[j] for j in ctx.where]
         dtype = grads[0].dtype
         widths = [i.shape[0] for i in idxs]
         # (N, sum k_i): the output gradients side by side, so that one GEMM serves every projection.
@@ -60,8 +82,8 @@ class _RowLinears(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (g @ _kept_rows(weights, idxs, dtype)).reshape(x.shape).to(x.dtype)  # 2N d sum(k)
         grad_ws: list = [None] * n
-        need_w = ctx.needs_input_grad[3:3 + n]
-        need_b = ctx.needs_input_grad[3 + 2 * n:3 + 3 * n]
+        need_w = ctx.needs_input_grad[_RW:_RW + n]
+        need_b = ctx.needs_input_grad[_RW + n:_RW + 2 * n]
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         if all(need_w):
             gw = g.t() @ x2  # (sum k, d): 2N d sum(k) FLOPs
@@ -77,7 +99,7 @@ class _RowLinears(torch.autograd.Function):
                 continue
             full = g_i.new_zeros(b[0], dtype=b[1])
             grad_bs.append(full.index_copy_(0, i, g_i.sum(0).to(b[1])))
-        return (grad_x, None, None, *grad_ws, *([None] * n), *grad_bs, *([None] * n))
+        return (grad_x, None, None, None, *grad_ws, *grad_bs, *([None] * n), *([None] * len(uniq)))
 
 
 def row_linears(x, weights, idxs, biases, outs=None) -> tuple[torch.Tensor, ...]:
@@ -88,7 +110,8 @@ def row_linears(x, weights, idxs, biases, outs=None) -> tuple[torch.Tensor, ...]
     """
     n = len(weights)
     outs = list(outs) if outs is not None else [None] * n
-    return _RowLinears.apply(x, n, outs[0] is None, *weights, *idxs, *biases, *outs)
+    uniq, where = _unique(idxs)
+    return _RowLinears.apply(x, n, outs[0] is None, where, *weights, *biases, *outs, *uniq)
 
 
 def _kept_cols(weight: torch.Tensor, idx: torch.Tensor, block: int) -> torch.Tensor:
@@ -152,14 +175,16 @@ def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 # Positions of _SwiGLU.forward's inputs, for ctx.needs_input_grad (named: an off-by-one here once dropped the
-# gradients of frozen-neighbour weights silently). The gate/up weights, their row indices and biases follow _N.
-_X, _WD, _BD, _N = 0, 6, 7, 8
+# gradients of frozen-neighbour weights silently). The gate/up weights and their biases follow _N, then the
+# distinct index tensors (the kept channels and the gate/up row indices).
+_X, _WD, _BD, _N = 0, 5, 6, 8
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, idx, g, u, h, y, wd, bd, n, *tensors):
-        weights, rows, biases = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+    def forward(ctx, x, g, u, h, y, wd, bd, n, where, *tensors):
+        weights, biases, uniq = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        idx, rows = uniq[where[0]], [uniq[j] for j in where[1:]]
         k = idx.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         if g is None:  # history mode: one GEMM over the kept gate and up rows
@@ -176,8 +201,8 @@ class _SwiGLU(torch.autograd.Function):
             y = F.linear(h, _kept_cols(wd, idx, 1), bd)  # 2 N d k FLOPs
         else:  # forward=dense: the output over every channel, computed without autograd
             y = y.detach().reshape(-1, wd.shape[0])
-        ctx.save_for_backward(x, g, u, wd, idx, *weights, *rows)
-        ctx.n = n
+        ctx.save_for_backward(x, g, u, wd, *weights, *uniq)
+        ctx.n, ctx.where, ctx.n_uniq = n, where, len(uniq)
         ctx.biases = tuple((b.shape, b.dtype) if b is not None else None for b in biases)
         ctx.bd = (bd.shape, bd.dtype) if bd is not None else None
         ctx.mark_non_differentiable(h)
@@ -186,14 +211,17 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dh_unused):
-        n = ctx.n
+        n, where = ctx.n, ctx.where
+        n_uniq = ctx.n_uniq
+        nones = (None,) * (2 * n + n_uniq)
         if dy is None:  # the output was not used (grads are not materialized)
-            return (None,) * (_N + 1 + 3 * n)
-        x, g, u, wd, idx, *rest = ctx.saved_tensors
-        weights, rows = rest[:n], rest[n:]
+            return (None,) * (_N + 1) + nones
+        x, g, u, wd, *rest = ctx.saved_tensors
+        weights, uniq = rest[:n], rest[n:]
+        idx, rows = uniq[where[0]], [uniq[j] for j in where[1:]]
         need = ctx.needs_input_grad
         need_w = need[_N + 1:_N + 1 + n]
-        need_b = [ctx.biases[j] is not None and need[_N + 1 + 2 * n + j] for j in range(n)]
+        need_b = [ctx.biases[j] is not None and need[_N + 1 + n + j] for j in range(n)]
         k = idx.shape[0]
         dtype = dy.dtype
         x2, dy2 = x.reshape(-1, x.shape[-1]).to(dtype), dy.reshape(-1, dy.shape[-1])
@@ -207,9 +235,9 @@ class _SwiGLU(torch.autograd.Function):
             grad_bd = dy2.sum(0).to(ctx.bd[1])
         grad_ws: list = [None] * n
         grad_bs: list = [None] * n
-        head = (grad_x, None, None, None, None, None, grad_wd, grad_bd, None)
+        head = (grad_x, None, None, None, None, grad_wd, grad_bd, None, None)
         if not (need[_X] or any(need_w) or any(need_b)):
-            return (*head, *grad_ws, *([None] * n), *grad_bs)
+            return (*head, *grad_ws, *grad_bs, *([None] * n_uniq))
         # Elementwise work stays in the layout of g and u: (N, k), or channels first (paper mode: views of (k, N)).
         channels_first = g.dim() == 2 and g.shape[0] > 1 and g.shape[1] > 1 and g.stride(0) == 1
         if channels_first:
@@ -217,9 +245,12 @@ class _SwiGLU(torch.autograd.Function):
         else:
             dh = dy2 @ _kept_cols(wd, idx, 1).to(dtype)  # (N, k): 2 N d k FLOPs
         # d(gate), d(up) side by side, so that one GEMM serves both
-        dgu = dh.new_empty(2 * k, dh.shape[0]).t() if channels_first else dh.new_empty(dh.shape[0], 2 * k)
-        torch.mul(dh, a, out=dgu[:, k:])
-        torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=dgu[:, :k])
+        if torch.compiler.is_compiling():  # traced: no out= into strided views (the compiler fuses these anyway)
+            dgu = torch.cat([torch.ops.aten.silu_backward(dh * u, g), dh * a], dim=1)
+        else:
+            dgu = dh.new_empty(2 * k, dh.shape[0]).t() if channels_first else dh.new_empty(dh.shape[0], 2 * k)
+            torch.mul(dh, a, out=dgu[:, k:])
+            torch.ops.aten.silu_backward.grad_input(dh.mul_(u), g, grad_input=dgu[:, :k])
         if need[_X]:
             grad_x = (dgu @ _kept_rows(weights, rows, dtype)).reshape(x.shape).to(x.dtype)  # 4 N d k
         widths = [r.shape[0] for r in rows]
@@ -234,8 +265,8 @@ class _SwiGLU(torch.autograd.Function):
             if need_b[j]:
                 shape, bdtype = ctx.biases[j]
                 grad_bs[j] = part.new_zeros(shape, dtype=bdtype).index_copy_(0, r, part.sum(0).to(bdtype))
-        head = (grad_x, None, None, None, None, None, grad_wd, grad_bd, None)
-        return (*head, *grad_ws, *([None] * n), *grad_bs)
+        head = (grad_x, None, None, None, None, grad_wd, grad_bd, None, None)
+        return (*head, *grad_ws, *grad_bs, *([None] * n_uniq))
 
 
 def swiglu_mlp(x, idx, weights, rows, biases, down, g=None, u=None, h=None, y=None
@@ -252,7 +283,8 @@ def swiglu_mlp(x, idx, weights, rows, biases, down, g=None, u=None, h=None, y=No
     in the backward.
     """
     n = len(weights)
-    return _SwiGLU.apply(x, idx, g, u, h, y, down.weight, down.bias, n, *weights, *rows, *biases)
+    uniq, where = _unique([idx, *rows])
+    return _SwiGLU.apply(x, g, u, h, y, down.weight, down.bias, n, where, *weights, *biases, *uniq)
 
 
 # -- paper mode: the kept heads' attention outputs come from the scoring pass ---------------------------------

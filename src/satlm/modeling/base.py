@@ -36,6 +36,9 @@ class _SATModule(nn.Module):
         salt = 0 if self.component == "attn" else 1
         seed = (runtime.config.seed * 1_000_003 + layer_idx * 2 + salt) % (2**63)
         self.sat_selector = UnitSelector(runtime, n_units, seed)
+        runtime.selectors.append(self.sat_selector)
+        runtime.modules.append(self)
+        self.update_kept_count()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -67,6 +70,12 @@ class _SATModule(nn.Module):
         rt = self.sat_runtime
         return rt.attn_rate if self.component == "attn" else rt.mlp_rate
 
+    def update_kept_count(self) -> None:
+        """The kept count at the runtime's current rate (SATRuntime.set_step calls this when the rates move). An int
+        attribute of a module, computed outside the forward: torch.compile specializes on it, so a compiled
+        forward recompiles once per distinct count, and never traces the float rate."""
+        self.sat_kept = kept_count(self.sat_n_units, self._rate())
+
     def _kept_k(self) -> int | None:
         """Number of kept units when this forward runs sparse, else None (dense)."""
         rt = self.sat_runtime
@@ -74,7 +83,7 @@ class _SATModule(nn.Module):
             return None
         if rt.keep_all:  # the self-check: the sparse path with every unit kept
             return self.sat_n_units
-        k = kept_count(self.sat_n_units, self._rate())
+        k = self.sat_kept
         if k >= self.sat_n_units:
             self.sat_selector.forget_last()
             return None

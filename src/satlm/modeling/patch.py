@@ -20,13 +20,16 @@ from .selfcheck import check_structure, self_check
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The HF model inside DDP/accelerate wrappers (module.module...) and peft's PeftModel (base_model.model)."""
+    """The HF model inside DDP/accelerate wrappers (module.module...), torch.compile's OptimizedModule (_orig_mod)
+    and peft's PeftModel (base_model.model)."""
     while True:
         if "sat_runtime" in vars(model):
             return model
         inner = vars(model).get("_modules", {})
         if isinstance(inner.get("module"), nn.Module):
             model = inner["module"]
+        elif isinstance(inner.get("_orig_mod"), nn.Module):
+            model = inner["_orig_mod"]
         elif hasattr(model, "peft_config") and isinstance(inner.get("base_model"), nn.Module) and isinstance(
                 getattr(inner["base_model"], "model", None), nn.Module):
             model = inner["base_model"].model
@@ -132,6 +135,9 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
 
     owner = getattr(model, "base_model", model)
 
+    # The hooks run eagerly, outside any torch.compile region: they count forwards and draw selection noise
+    # (a generator and a Python counter would break or re-specialize a compiled graph).
+    @torch.compiler.disable
     def _begin_forward(module, args, kwargs):
         if module.training:
             if runtime.awaiting_backward and torch.is_grad_enabled() and _checkpointing(model):
@@ -141,8 +147,9 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
                     "one selection per layer). Call backward after each forward, or turn gradient "
                     "checkpointing off for this")
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            runtime.begin_forward(mask)
+            runtime.begin_forward(mask, _input_device(module, args, kwargs))
 
+    @torch.compiler.disable
     def _end_forward(module, args, kwargs, output):
         logits = None  # what the backward reaches right after the loss: the owner's first output
         for name in ("logits", "last_hidden_state"):
@@ -185,6 +192,14 @@ def remove_sat(model: nn.Module) -> nn.Module:
     for attr in [a for a in vars(model) if a.startswith("sat_")]:
         delattr(model, attr)
     return model
+
+
+def _input_device(module: nn.Module, args, kwargs) -> torch.device:
+    """The device a forward computes on: its input ids' (or embeddings'), else its first parameter's."""
+    for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return next(module.parameters()).device
 
 
 def _checkpointing(model: nn.Module) -> bool:

@@ -20,14 +20,17 @@ class SATRuntime:
         self.step = 0
         self.total_steps: int | None = None
         self.attn_rate, self.mlp_rate = scheduled_rates(config, 0, None)
-        # Incremented once per training forward of the model. A layer that sees the same id twice is being
-        # recomputed (gradient checkpointing) and must reuse its selection.
+        # Incremented once per training forward of the model (saved for resume). Each forward starts by resetting
+        # every selector (begin_forward): a layer that finds a selection of this forward is being recomputed
+        # (gradient checkpointing) and reuses it.
         self.forward_id = 0
+        self.selectors: list = []  # every wrapped module's UnitSelector
+        self.modules: list = []  # every wrapped module (their kept counts follow the rates: set_step)
         # True from a training forward (whose logits need a gradient) until its backward reaches the logits.
         self.awaiting_backward = False
         self.token_mask: torch.Tensor | None = None  # (B, T) of the current batch, 1 = real token
-        # (forward id, attention mask, dtype, its additive form): every layer of a forward gets the same mask,
-        # which paper mode's flash path converts once per forward.
+        # (attention mask, dtype, its additive form) of this forward: every layer gets the same mask, which paper
+        # mode's flash path converts once per forward.
         self.mask_cache: tuple | None = None
         # The self-check (selfcheck.py) runs the sparse path with every unit kept.
         self.keep_all = False
@@ -39,13 +42,21 @@ class SATRuntime:
     def set_step(self, step: int, total_steps: int | None) -> None:
         self.step, self.total_steps = int(step), (int(total_steps) if total_steps else None)
         self.attn_rate, self.mlp_rate = scheduled_rates(self.config, self.step, self.total_steps)
+        for m in self.modules:
+            m.update_kept_count()
 
-    def begin_forward(self, attention_mask) -> None:
+    def begin_forward(self, attention_mask, device: torch.device | None = None) -> None:
+        """A new training forward (the model's forward pre-hook; never inside a compiled region): the batch's
+        token mask, every selector reset, and with a device, this forward's selection noise drawn."""
         self.forward_id += 1
+        self.mask_cache = None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             self.token_mask = attention_mask
         else:
             self.token_mask = None
+        draw = device if (self.enabled and not self.keep_all) else None
+        for sel in self.selectors:
+            sel.begin_forward(draw)
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The batch's (B, T) token mask when it matches x's batch and length, else None (every token counts)."""
@@ -57,9 +68,9 @@ class SATRuntime:
     def additive_mask_for(self, attention_mask, dtype: torch.dtype):
         """The attention mask as SDPA's CPU kernels take it, converted once per forward."""
         cache = self.mask_cache
-        if not (cache and cache[0] == self.forward_id and cache[1] is attention_mask and cache[2] == dtype):
-            self.mask_cache = cache = (self.forward_id, attention_mask, dtype, additive_mask(attention_mask, dtype))
-        return cache[3]
+        if not (cache and cache[0] is attention_mask and cache[1] == dtype):
+            self.mask_cache = cache = (attention_mask, dtype, additive_mask(attention_mask, dtype))
+        return cache[2]
 
     @property
     def dense_forward(self) -> bool:

@@ -22,8 +22,11 @@ class UnitSelector:
         self.n_units = n_units
         self.seed = seed
         self.generator_: torch.Generator | None = None
-        self._cache: tuple[int, int, torch.Tensor] | None = None  # (forward id, k, kept units)
-        self._path: tuple[int, bool] = (-1, False)  # (forward id, selected from history)
+        # This forward's state, reset by begin_forward (the model's forward pre-hook, outside any compiled region,
+        # so that a compiled forward reads no forward counter and holds no generator):
+        self._cache: tuple[int, torch.Tensor] | None = None  # (k, kept units): a recomputation reuses them
+        self._path: bool | None = None  # selected from history (None: not decided yet in this forward)
+        self._noise: list[torch.Tensor] = []  # uniform draws for `sample` / `random`, drawn before the forward
         self.history: torch.Tensor | None = None  # running importance per unit (history source)
         self.age: torch.Tensor | None = None  # steps since each unit was last observed
         self.last_kept: torch.Tensor | None = None
@@ -35,29 +38,50 @@ class UnitSelector:
             self.generator_.manual_seed(self.seed)
         return self.generator_
 
+    def draws(self) -> int:
+        """Uniform vectors one selection uses: scores of the random metric, keys of sample / random selection."""
+        cfg = self.runtime.config
+        return int(cfg.metric == "random") + int(cfg.selection in ("sample", "random"))
+
+    def begin_forward(self, device: torch.device | None) -> None:
+        """A new training forward: forget the last forward's selection and, given a device, draw this forward's
+        noise from the selector's generator (one stream per module, so that a run is reproducible and resumes
+        exactly)."""
+        self._cache, self._path = None, None
+        self._noise = []
+        if device is not None:
+            g = self.generator(device)
+            self._noise = [uniform(self.n_units, g) for _ in range(self.draws())]
+
+    def _draw(self, device) -> torch.Tensor:
+        """The next of this forward's uniform draws (drawn now when the forward had no pre-hook)."""
+        if self._noise:
+            return self._noise.pop(0)
+        return uniform(self.n_units, self.generator(device))
+
     def cached(self, k: int) -> torch.Tensor | None:
         """The units this forward already selected (a recomputation), or None."""
         c = self._cache
-        if c is not None and c[0] == self.runtime.forward_id and c[1] == k:
-            return c[2]
+        if c is not None and c[0] == k:
+            return c[1]
         return None
 
     def use_history(self) -> bool:
         """Select from history statistics in this forward? Fixed per forward, so that a recomputation takes the
         same path even though the first pass seeded the statistics; history delegates to current until then."""
-        rt = self.runtime
-        if self._path[0] != rt.forward_id:
-            self._path = (rt.forward_id, rt.config.source == "history" and self.history is not None)
-        return self._path[1]
+        if self._path is None:
+            self._path = self.runtime.config.source == "history" and self.history is not None
+        return self._path
 
     def choose(self, k: int, scores: torch.Tensor | None, device) -> torch.Tensor:
         """Keep k units by this step's scores (None with the random metric), ascending."""
         cfg = self.runtime.config
         if cfg.metric == "random" or scores is None:
-            scores = uniform(self.n_units, self.generator(device))
+            scores = self._draw(device)
         scores = reduce_scores(scores, cfg.metric)
-        idx = select_units(scores, k, cfg.selection, self.generator(device))
-        self._cache = (self.runtime.forward_id, k, idx)
+        noise = self._draw(device) if cfg.selection != "topk" and k < self.n_units else None
+        idx = select_units(scores, k, cfg.selection, noise)
+        self._cache = (k, idx)
         self.last_kept, self.last_scores = idx, scores.detach()
         if cfg.source == "history" and self.history is None:
             # The first sparse forward in history mode observes every unit (current path) to seed the statistics.

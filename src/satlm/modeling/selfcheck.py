@@ -174,7 +174,7 @@ def _check_module(m: _SATModule, args, kwargs, runtime, config, tol: float, layo
                 runtime.keep_all = True
                 runtime.begin_forward(None)
                 sel = m.sat_selector
-                sel._cache, sel._path = None, (-1, False)
+                sel.begin_forward(None)
                 sel.history = torch.ones(m.sat_n_units, device=ref_out.device) if source == "history" else None
                 sel.age = torch.zeros_like(sel.history) if source == "history" else None
                 out, dx, dp, _ = _run(m, args, kwargs, grad_out, params)
