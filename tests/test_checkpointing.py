@@ -49,3 +49,34 @@ def test_two_forwards_under_gradient_checkpointing_are_refused():
     model.eval()
     model(**a)
     model(**b)  # eval forwards are dense and recompute nothing
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_thinned_recompute_runs_over_the_kept_units_only(attn):
+    """Paper mode with forward=sparse under checkpointing recomputes each layer over its kept units only (its
+    selection is known): the backward's extra FLOPs are a kept-only forward of the layers, i.e. a history-mode
+    forward at the same rates (FLOPs depend on the kept counts only) less the output head. Recomputing every
+    head and channel, as the scoring pass does, would cost about twice that."""
+    from satlm.bench.runner import flop_counter
+
+    data = batch()
+    plain = tiny_model(attn=attn)
+    ckpt, hist = copy.deepcopy(plain), copy.deepcopy(plain)
+    satlm.apply_sat(plain, _cfg(forward="sparse"))
+    satlm.apply_sat(ckpt, _cfg(forward="sparse"))
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    satlm.apply_sat(hist, _cfg(source="history"))
+    hist(**data).loss.backward()  # seeds the statistics: the next forward selects before it runs
+
+    def backward_flops(model):
+        loss = model(**data).loss
+        with flop_counter() as counter:
+            loss.backward()
+        return counter.get_total_flops()
+
+    recompute = backward_flops(ckpt) - backward_flops(plain)
+    with flop_counter() as counter:
+        hist(**data)
+    cfg = plain.config
+    head = 2 * data["input_ids"].numel() * cfg.hidden_size * cfg.vocab_size
+    assert recompute == pytest.approx(counter.get_total_flops() - head, rel=0.01)

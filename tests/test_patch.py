@@ -115,15 +115,17 @@ def test_same_seed_same_selections(source):
     assert run_steps(7, source=source) != run_steps(8, source=source)
 
 
-@pytest.mark.parametrize("source", ["current", "history"])
-def test_gradient_checkpointing_reuses_the_selection(source):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("source,forward", [("current", "sparse"), ("current", "dense"), ("history", "sparse")])
+def test_gradient_checkpointing_reuses_the_selection(source, forward, attn):
     """The recomputed forward must see the same kept units as the first one, so the gradients match a run
-    without checkpointing; a fresh draw in the recomputation would give different gradients."""
+    without checkpointing; a fresh draw in the recomputation would give different gradients. (Paper mode's thinned
+    forward recomputes over the kept units only, with the flash kernel under SDPA: test_checkpointing.py.)"""
     runs = []
     for ckpt in (False, True):
-        model = tiny_model()
+        model = tiny_model(attn=attn)
         satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", selection="sample",
-                                          source=source, seed=11))
+                                          source=source, forward=forward, seed=11))
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i in range(2):  # the second step is a genuine history step

@@ -200,13 +200,13 @@ class Bench:
     def forward_backward(self, compiled: bool = True) -> None:
         """One forward and backward; compiled (with --compile) unless told otherwise (FLOP and memory counts)."""
         self.runtime.begin_forward(None, torch.device(self.device))  # the layer alone has no model pre-hook
-        call = self.compiled if (compiled and self.compiled is not None) else None
+        use = compiled and self.compiled is not None
         if self.per_layer:
-            out = (call or self.layer)(self.x, attention_mask=self.mask, position_embeddings=self.pos_emb)
+            out = (self.compiled if use else self.layer)(self.x, attention_mask=self.mask, position_embeddings=self.pos_emb)
             out = out[0] if isinstance(out, tuple) else out
             out.backward(self.grad_out)
         else:
-            (call or self.model)(**self.batch).loss.backward()
+            (self.compiled if use else self.model)(**self.batch).loss.backward()
 
     def step(self) -> None:
         self.forward_backward()

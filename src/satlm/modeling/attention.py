@@ -154,6 +154,7 @@ class SATAttention(_SATModule):
         units = sel.cached(k)
         fresh = units is None
         flash = None  # paper mode only: see _flash_reuse
+        recompute_flash = False  # a recomputation runs the kept heads' flash forward itself
         y_all = None  # paper mode with forward=dense: the output over every head
         # LoRA dropout masks, drawn as peft draws them: q, k, v, then o (exact while attention dropout is 0)
         masks = rows.masks(x, self.training)
@@ -175,11 +176,20 @@ class SATAttention(_SATModule):
                 q, key = _select_heads(q_full, heads, hd), _select_heads(k_full, groups, hd)
             else:
                 q, key, val = rows.kept(x, [qcols, kvcols, kvcols], masks=masks)
+        elif not fresh and not rt.dense_forward and not full_norm:
+            # A recomputation (gradient checkpointing) of the thinned forward: the kept heads are known, so only
+            # their q/k/v are projected. Where the first pass took the kept heads' attention from its flash pass
+            # over every head, the kept heads' flash forward runs here, so that the same tensors are saved.
+            heads, groups, kv_map = self._expand(units)
+            qcols, kvcols = head_columns(heads, hd), head_columns(groups, hd)
+            q, key, val = rows.kept(x, [qcols, kvcols, kvcols], masks=masks)
+            flash = self._flash_reuse(metric != "random", x, attention_mask, dropout, extra)
+            recompute_flash = flash is not None
         else:
             # Every head is attended without autograd to score the heads (and, forward=dense, for the output);
             # the kept heads' outputs are taken from that pass when it ran SDPA's CPU flash kernel.
-            # A recomputation (gradient checkpointing, `fresh` False) attends every head again too, so that it
-            # takes the same path (flash reuse or not) and saves the same tensors as the first pass.
+            # A recomputation of the dense forward (gradient checkpointing, `fresh` False) attends every head again
+            # too: its value is the full output, and it takes the same path and saves the same tensors.
             attend_all = rt.dense_forward or metric != "random"
             flash = self._flash_reuse(attend_all, x, attention_mask, dropout, extra)
             with torch.no_grad():
@@ -233,6 +243,9 @@ class SATAttention(_SATModule):
         if flash is not None:
             if groups_per_kv > 1:
                 key, val = key.repeat_interleave(groups_per_kv, 1), val.repeat_interleave(groups_per_kv, 1)
+            if recompute_flash:
+                with torch.no_grad():
+                    o_kept, lse_kept = flash_attention_cpu(q, key, val, flash[0], flash[1], base.scaling)
             o = kept_attention(q, key, val, o_kept, lse_kept, flash[0], flash[1], base.scaling)
         else:
             o, _ = attend(_GroupsView(base, groups_per_kv), q, key, val, attention_mask,

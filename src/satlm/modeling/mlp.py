@@ -79,21 +79,29 @@ class SATMLP(_SATModule):
             fresh = idx is None
             if fresh:
                 idx = sel.choose_from_history(k, x.device)
-            if fused:
-                weights, r, biases, _ = rows.spec([idx, idx])
-                y, h = swiglu_mlp(x, idx, weights, r, biases, down)
-            else:
-                if gated:
-                    g, u = rows.kept(x, [idx, idx], masks=masks)  # (B, T, k) each
-                    h = act(g) * u
-                else:
-                    h = act(rows.kept(x, [idx], masks=masks)[0])
-                y = col_project(h, down, idx, idx, 1, down_masks)
+            y, h = self._kept(x, idx, rows, down, act, fused, masks, down_masks)
             if fresh:
                 with torch.no_grad():
                     sel.observe(idx, mlp_scores(h.detach(), mask, metric, _output_cols(down, idx, metric)))
             return y
+        idx = sel.cached(k)
+        if idx is not None and not rt.dense_forward:
+            # A recomputation (gradient checkpointing) of the thinned forward: its kept channels are known, so
+            # only they are computed, as history mode does (the same tensors are saved as in the first pass).
+            return self._kept(x, idx, rows, down, act, fused, masks, down_masks)[0]
         return self._paper(k, x, rows, down, act, fused, masks, down_masks)
+
+    def _kept(self, x, idx, rows: Rows, down: Proj, act, fused: bool, masks, down_masks):
+        """(output, kept activations) over the kept channels idx only: every projection shrinks."""
+        if fused:
+            weights, r, biases, _ = rows.spec([idx, idx])
+            return swiglu_mlp(x, idx, weights, r, biases, down)
+        if self.sat_runtime.layout.gated:
+            g, u = rows.kept(x, [idx, idx], masks=masks)  # (B, T, k) each
+            h = act(g) * u
+        else:
+            h = act(rows.kept(x, [idx], masks=masks)[0])
+        return col_project(h, down, idx, idx, 1, down_masks), h
 
     def _paper(self, k, x, rows: Rows, down: Proj, act, fused: bool, masks, down_masks) -> torch.Tensor:
         """Paper mode: every channel computed without autograd to score them (and, forward=dense, for the output);
