@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from satlm.core.importance import group_scores, head_scores, mlp_scores
@@ -80,3 +81,48 @@ def test_output_metric_equals_norm_of_head_contribution():
 def test_group_scores_sum_heads_of_a_group():
     s = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     assert group_scores(s, 2).tolist() == [6.0, 15.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["l2", "output"])
+def test_channels_first_scores_equal_the_token_major_ones(metric, dtype):
+    """Paper mode's fused MLP scores an unpadded batch from its channels-first activations in one read."""
+    from satlm.core.importance import mlp_scores_rows
+
+    g = gen(5)
+    h_rows = torch.randn(24, 40, generator=g).to(dtype)  # (f, N)
+    down = torch.randn(8, 24, generator=g)
+    ref = mlp_scores(h_rows.t().reshape(4, 10, 24), None, metric, down)
+    got = mlp_scores_rows(h_rows, metric, down)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("metric", ["l2", "output"])
+def test_paper_mode_mlp_scores_are_those_of_the_activations(metric, pad):
+    """The scores paper mode's fused MLP ranks by (one-read row norms when unpadded, token-major with a mask) equal
+    the metric computed here from the layer's input by plain ops."""
+    import torch.nn.functional as F
+
+    import satlm
+    from conftest import batch, sat_config, tiny_model
+
+    model = tiny_model()
+    satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", selection="topk", metric=metric))
+    data = batch(pad=pad)
+    if not pad:
+        data.pop("attention_mask")
+    mlp = model.model.layers[1].mlp
+    seen = {}
+    hook = mlp.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0].detach()))
+    model(**data).loss.backward()
+    hook.remove()
+    x = seen["x"]
+    h = F.silu(x @ mlp.gate_proj.weight.t()) * (x @ mlp.up_proj.weight.t())  # (B, T, f)
+    if pad:
+        h = h * data["attention_mask"][..., None]
+    ref = h.square().sum(dim=(0, 1)).sqrt()
+    if metric == "output":
+        ref = ref * mlp.down_proj.weight.norm(dim=0)
+    torch.testing.assert_close(mlp.sat_last_scores, ref, rtol=1e-4, atol=1e-6)

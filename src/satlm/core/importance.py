@@ -41,6 +41,17 @@ def mlp_scores(
     return l2  # "l2"; "random" is drawn by the caller
 
 
+def mlp_scores_rows(h_rows: torch.Tensor, metric: str, down_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores of MLP channels from channels-first activations of an unpadded batch: h_rows (f, N), contiguous ->
+    (f,) float32, for the l2 and output metrics. One read of the activations (a norm along each contiguous row;
+    on the CPU ~3x faster than mlp_scores' square-then-sum over the (N, f) view). Equal to mlp_scores(h_rows.t(),
+    None, metric, down_weight)."""
+    l2 = torch.linalg.vector_norm(h_rows, dim=1, dtype=torch.float32)
+    if metric == "output":
+        return l2 * torch.linalg.vector_norm(down_weight.detach(), dim=0, dtype=torch.float32)
+    return l2
+
+
 def _square_sum(a: torch.Tensor, owned: bool) -> torch.Tensor:
     """a * a in float32, in place when `a` is a temporary of ours. (Summing squares this way is ~4x faster on
     the CPU than linalg.vector_norm over the leading dimensions.)"""

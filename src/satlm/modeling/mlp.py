@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.importance import mlp_scores
+from ..core.importance import mlp_scores, mlp_scores_rows
 from ..core.ops import swiglu_mlp
 from .base import _SATModule
 from .families import get_path
@@ -123,7 +123,9 @@ class SATMLP(_SATModule):
             if idx is None:
                 scores = None
                 if metric != "random":
-                    if fused:  # scored from a (B, T, f) view; the kept rows are handed to the MLP below
+                    if fused and mask is None and metric in ("l2", "output"):  # one read: a norm per row
+                        scores = mlp_scores_rows(h_all, metric, down.weight)
+                    elif fused:  # scored from a (B, T, f) view; the kept rows are handed to the MLP below
                         scores = mlp_scores(h_all.t().reshape(*x.shape[:-1], -1), mask, metric, down.weight)
                     else:
                         scores = mlp_scores(h_all, mask, metric, down.weight, scratch=not dense_forward)
