@@ -83,7 +83,7 @@ def test_group_scores_sum_heads_of_a_group():
     assert group_scores(s, 2).tolist() == [6.0, 15.0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("metric", ["l2", "output"])
 def test_channels_first_scores_equal_the_token_major_ones(metric, dtype):
     """Paper mode's fused MLP scores an unpadded batch from its channels-first activations in one read."""
