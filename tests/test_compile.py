@@ -114,8 +114,10 @@ def test_recompiles_are_bounded_by_the_distinct_kept_counts():
     total = 10
     model = _sat(schedule="ladder", rungs=4, dense_tail=0.2)
     eager = _sat(schedule="ladder", rungs=4, dense_tail=0.2)
-    counts = {tuple(m.sat_kept if m._rate() > 0 else None for m in satlm.modeling.patch._sat_modules(eager))
-              for i in range(total) if satlm.set_sat_step(eager, i, total)}
+    counts = set()
+    for i in range(total):
+        satlm.set_sat_step(eager, i, total)
+        counts.add(tuple(m.sat_kept if m._rate() > 0 else None for m in satlm.modeling.patch._sat_modules(eager)))
     assert len(counts) == 5
     ref = _steps(eager, eager, data, steps=total, schedule=total)
 

@@ -37,10 +37,10 @@ class CheckpointError(SATLMError):
     """A checkpoint that could not be written whole (disk full, ...); the previous checkpoints are intact."""
 
 
-__all__ = ["SATLMError", "RunConfigError", "DataError", "ModelLoadError", "TrainingInterrupted", "NumericalError",
-           "CheckpointError"]
-
-
 class GradientCheckpointingError(SATLMError, RuntimeError):
     """A second training forward before the first one's backward, under gradient checkpointing: the first
     forward's layers would be recomputed in the backward with the second forward's kept units."""
+
+
+__all__ = ["SATLMError", "RunConfigError", "DataError", "ModelLoadError", "TrainingInterrupted", "NumericalError",
+           "CheckpointError", "GradientCheckpointingError"]

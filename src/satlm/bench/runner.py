@@ -199,9 +199,9 @@ class Bench:
 
     def forward_backward(self, compiled: bool = True) -> None:
         """One forward and backward; compiled (with --compile) unless told otherwise (FLOP and memory counts)."""
-        self.runtime.begin_forward(None, torch.device(self.device))  # the layer alone has no model pre-hook
         use = compiled and self.compiled is not None
         if self.per_layer:
+            self.runtime.begin_forward(None, torch.device(self.device))  # the layer alone has no model pre-hook
             out = (self.compiled if use else self.layer)(self.x, attention_mask=self.mask, position_embeddings=self.pos_emb)
             out = out[0] if isinstance(out, tuple) else out
             out.backward(self.grad_out)

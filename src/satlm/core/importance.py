@@ -37,7 +37,7 @@ def mlp_scores(
         return hm.abs().sum(dim=0, dtype=torch.float32) / _token_count(h, token_mask)
     l2 = _square_sum(hm, scratch or token_mask is not None).sum(dim=0).sqrt()
     if metric == "output":
-        return l2 * torch.linalg.vector_norm(down_weight.detach(), dim=0, dtype=torch.float32)
+        return l2 * _norm(down_weight.detach(), 0)
     return l2  # "l2"; "random" is drawn by the caller
 
 

@@ -36,7 +36,6 @@ class _SATModule(nn.Module):
         salt = 0 if self.component == "attn" else 1
         seed = (runtime.config.seed * 1_000_003 + layer_idx * 2 + salt) % (2**63)
         self.sat_selector = UnitSelector(runtime, n_units, seed)
-        runtime.selectors.append(self.sat_selector)
         runtime.modules.append(self)
         self.update_kept_count()
 

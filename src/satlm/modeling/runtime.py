@@ -24,8 +24,7 @@ class SATRuntime:
         # every selector (begin_forward): a layer that finds a selection of this forward is being recomputed
         # (gradient checkpointing) and reuses it.
         self.forward_id = 0
-        self.selectors: list = []  # every wrapped module's UnitSelector
-        self.modules: list = []  # every wrapped module (their kept counts follow the rates: set_step)
+        self.modules: list = []  # every wrapped module (kept counts follow the rates: set_step; selectors reset)
         # True from a training forward (whose logits need a gradient) until its backward reaches the logits.
         self.awaiting_backward = False
         self.token_mask: torch.Tensor | None = None  # (B, T) of the current batch, 1 = real token
@@ -55,8 +54,8 @@ class SATRuntime:
         else:
             self.token_mask = None
         draw = device if (self.enabled and not self.keep_all) else None
-        for sel in self.selectors:
-            sel.begin_forward(draw)
+        for m in self.modules:
+            m.sat_selector.begin_forward(draw)
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The batch's (B, T) token mask when it matches x's batch and length, else None (every token counts)."""

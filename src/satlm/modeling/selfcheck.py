@@ -172,9 +172,8 @@ def _check_module(m: _SATModule, args, kwargs, runtime, config, tol: float, layo
                                                      omission_rate=0.5, attn_omission_rate=None,
                                                      mlp_omission_rate=None, schedule="constant", steps=None)
                 runtime.keep_all = True
-                runtime.begin_forward(None)
+                runtime.begin_forward(None)  # every selector reset, no noise drawn
                 sel = m.sat_selector
-                sel.begin_forward(None)
                 sel.history = torch.ones(m.sat_n_units, device=ref_out.device) if source == "history" else None
                 sel.age = torch.zeros_like(sel.history) if source == "history" else None
                 out, dx, dp, _ = _run(m, args, kwargs, grad_out, params)
