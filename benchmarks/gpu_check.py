@@ -28,6 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import check_case, make_batch, tiny_llama  # noqa: E402
 
+from satlm.core.ops import CUDA_REUSE_COUNTS  # noqa: E402
+
 PRECISIONS = {  # name -> (weights dtype, autocast dtype, tolerance)
     "fp32": (torch.float32, None, 1e-4),
     "bf16-autocast": (torch.float32, torch.bfloat16, 5e-2),
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                             case = {"precision": prec, "model": model_name, "batch": pad_name, "unit": unit,
                                     "source": source, "forward": forward, "rate": rate, "tol": tol}
                             t0 = time.perf_counter()
+                            CUDA_REUSE_COUNTS.clear()
                             try:
                                 case.update(check_case(base, data, rate=rate, unit=unit, source=source,
                                                        forward=forward, tol=tol, weights=weights, autocast=autocast,
@@ -86,15 +89,23 @@ def main(argv: list[str] | None = None) -> int:
                                 case.update(ok=False, error=f"{type(e).__name__}: {e}",
                                             traceback=traceback.format_exc())
                             case["seconds"] = round(time.perf_counter() - t0, 3)
+                            case["attn_reuse"] = dict(CUDA_REUSE_COUNTS)  # CUDA kernels reused / fallbacks
                             records.append(case)
                             print(line(case), flush=True)
     failed = [c for c in records if not c["ok"]]
     ties = [c for c in records if c.get("near_tie")]
+    reuse: dict[str, int] = {}
+    for c in records:
+        for key, n in c.get("attn_reuse", {}).items():
+            reuse[key] = reuse.get(key, 0) + n
     summary = {"device": str(device), "cases": len(records), "ok": len(records) - len(failed), "failed": len(failed),
-               "near_ties": len(ties), "errors": sum("error" in c for c in records),
+               "near_ties": len(ties), "errors": sum("error" in c for c in records), "attn_reuse": reuse,
                "seconds": round(time.perf_counter() - start, 1)}
     print(f"gpu_check: {summary['ok']}/{summary['cases']} ok, {summary['failed']} failed, "
           f"{summary['near_ties']} near-tie case(s) compared with SAT's own kept sets, {summary['seconds']} s")
+    if device.type == "cuda":  # paper mode's scoring-pass reuse through CUDA's kernels (ops.reuse_kernel)
+        print(f"gpu_check: attention kernels reused {reuse or 'never'} (fallback:* = the kernel refused, "
+              "the exact fallback ran)")
     for c in failed:
         print("FAILED:", line(c))
     if args.json:
@@ -112,8 +123,9 @@ def line(c: dict) -> str:
                                                if c["near_tie"] else
                                                f"KEPT-DIFFER({c['kept_units_differing']} units, gap {c['tie_gap']:.1e})")
     zero = "" if c["zero_grad_on_omitted"] else " OMITTED-GRAD-NONZERO"
+    reuse = "".join(f" {k}={n}" for k, n in sorted(c.get("attn_reuse", {}).items()))
     return (f"{head} loss={c['loss']:.5f} ref={c['ref_loss']:.5f} loss_err={c['loss_rel_err']:.1e} "
-            f"grad_err={c['grad_rel_err']:.1e} {kept}{zero}  {'ok' if c['ok'] else 'FAIL'}")
+            f"grad_err={c['grad_rel_err']:.1e} {kept}{zero}{reuse}  {'ok' if c['ok'] else 'FAIL'}")
 
 
 if __name__ == "__main__":

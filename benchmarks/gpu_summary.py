@@ -48,6 +48,8 @@ def check_figures(out: Path) -> str:
             worst[key] = max(worst.get(key, 0.0), case["grad_rel_err"], case["loss_rel_err"])
     if worst:
         text += "; worst rel err " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items(), reverse=True))
+    if s.get("attn_reuse"):  # paper mode's scoring-pass reuse through CUDA's kernels, and any fallbacks
+        text += "; attention reuse " + ", ".join(f"{k} {n}" for k, n in sorted(s["attn_reuse"].items()))
     return text
 
 

@@ -288,11 +288,24 @@ def swiglu_mlp(x, idx, weights, rows, biases, down, g=None, u=None, h=None, y=No
 
 
 # -- paper mode: the kept heads' attention outputs come from the scoring pass ---------------------------------
-# Paper mode runs attention over every head (without autograd) to score them. On the CPU with SDPA, that pass
-# calls PyTorch's flash kernel directly, which also returns the log-sum-exp of every row; the kept heads'
-# outputs and log-sum-exps are then all the flash backward needs, so their attention is not computed again.
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+# Paper mode runs attention over every head (without autograd) to score them. Where that pass calls one of
+# PyTorch's attention kernels that also return the log-sum-exp of every row, the kept heads' outputs and
+# log-sum-exps are all the kernel's backward needs, so their attention is not computed again. The kernels
+# ("kinds"): on the CPU, SDPA's flash kernel (any mask); on CUDA, the flash kernel (fp16/bf16, no mask: the
+# is_causal batches) and the memory-efficient one (an additive bias: padded batches).
+_ATEN = torch.ops.aten
+_FLASH_CPU = getattr(_ATEN, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(_ATEN, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_FLASH_CUDA = getattr(_ATEN, "_scaled_dot_product_flash_attention", None)
+_FLASH_CUDA_BACKWARD = getattr(_ATEN, "_scaled_dot_product_flash_attention_backward", None)
+_EFFICIENT = getattr(_ATEN, "_scaled_dot_product_efficient_attention", None)
+_EFFICIENT_BACKWARD = getattr(_ATEN, "_scaled_dot_product_efficient_attention_backward", None)
+# The memory-efficient kernel reads its bias in rows aligned to this many elements (SDPA pads them the same way).
+EFFICIENT_BIAS_ALIGN = 16
+# How often each CUDA kind ran, and how often it failed and the exact fallback ran instead ("fallback:forward":
+# the kept heads attended again; "fallback:backward": their attention recomputed with autograd). For
+# benchmarks/gpu_check.py: a kernel this PyTorch build or GPU refuses costs speed, never a wrong gradient.
+CUDA_REUSE_COUNTS: dict[str, int] = {}
 
 
 # The two ops as PyTorch names them, for FLOP counting (satlm.bench.runner.flop_counter); () where missing.
@@ -303,40 +316,118 @@ def flash_cpu_available() -> bool:
     return _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None
 
 
-def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A boolean attention mask (True = attend) as the additive float mask SDPA's CPU kernels take."""
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+def reuse_kernel(device_type: str, dtype: torch.dtype, masked: bool, head_dim: int,
+                 autocast: bool = False) -> str | None:
+    """The kernel whose scoring pass paper mode can reuse: "cpu", "flash" or "efficient" (see above); None: the
+    kept heads are attended again. dtype: what the attention computes in (the autocast dtype under autocast)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device_type == "cpu":  # under CPU autocast the kept heads are left to SDPA (not measured; no reason to)
+        return "cpu" if flash_cpu_available() and not autocast and (half or dtype == torch.float32) else None
+    if device_type != "cuda" or head_dim % 8 or head_dim > 256:
+        return None
+    if not masked and half and _FLASH_CUDA is not None and _FLASH_CUDA_BACKWARD is not None:
+        return "flash"
+    if masked and (half or dtype == torch.float32) and _EFFICIENT is not None and _EFFICIENT_BACKWARD is not None:
+        return "efficient"
+    return None
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, align: int = 0) -> torch.Tensor | None:
+    """A boolean attention mask (True = attend) as the additive float mask SDPA's kernels take; align > 0: its
+    rows padded in memory to a multiple of `align` elements (the values are the same; for the efficient kernel)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    elif align:
+        mask = mask.to(dtype)
+    if align and mask.shape[-1] % align:
+        S = mask.shape[-1]
+        mask = F.pad(mask, (0, align - S % align))[..., :S]
+    return mask
+
+
+def _bias(mask, q, k):
+    """The efficient kernel's bias: the mask broadcast (a view) over (B, H, T, S)."""
+    return None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def attention_with_lse(kind: str, q, k, v, mask, is_causal: bool, scale: float):
+    """One attention kernel's forward. q, k, v: (B, H, T, hd), same head count and dtype. Returns the output as
+    (B, T, H, hd) (the kernels' memory layout), the log-sum-exp (B, H, T'), and what the kernel's backward
+    needs besides (a tuple that does not depend on the heads, so it serves any subset of them)."""
+    if kind == "cpu":
+        out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2), lse, ()
+    if kind == "flash":
+        r = _FLASH_CUDA(q, k, v, 0.0, is_causal, False, scale=scale)
+        return r[0].transpose(1, 2), r[1], tuple(r[2:8])  # cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused
+    if kind == "efficient":
+        out, lse, seed, offset = _EFFICIENT(q, k, v, _bias(mask, q, k), True, 0.0, is_causal, scale=scale)
+        return out.transpose(1, 2), lse, (seed, offset)
+    raise ValueError(f"unknown attention kernel {kind!r}")
+
+
+def _attention_backward(kind, grad, q, k, v, out, lse, extra, mask, is_causal, scale):
+    g, o = grad.transpose(1, 2), out.transpose(1, 2)
+    if kind == "cpu":
+        return _FLASH_CPU_BACKWARD(g, q, k, v, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+    if kind == "flash":
+        cum_q, cum_k, max_q, max_k, rng, unused = extra
+        return _FLASH_CUDA_BACKWARD(g, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, 0.0, is_causal, rng, unused,
+                                    scale=scale)
+    seed, offset = extra
+    dq, dk, dv, _ = _EFFICIENT_BACKWARD(g, q, k, v, _bias(mask, q, k), o, lse, seed, offset, 0.0,
+                                        [True, True, True, False], is_causal, scale=scale)
+    return dq, dk, dv
+
+
+def _count(key: str) -> None:
+    CUDA_REUSE_COUNTS[key] = CUDA_REUSE_COUNTS.get(key, 0) + 1
 
 
 def flash_attention_cpu(q, k, v, mask, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA's CPU flash forward. q, k, v: (B, H, T, hd), same head count. Returns the output as (B, T, H, hd)
     (the kernel's memory layout) and the log-sum-exp (B, H, T)."""
-    out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2), lse
+    out, lse, _ = attention_with_lse("cpu", q, k, v, mask, is_causal, scale)
+    return out, lse
 
 
 class _KeptAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, out, lse, mask, is_causal, scale):
+    def forward(ctx, q, k, v, out, lse, mask, is_causal, scale, kind, extra):
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.is_causal, ctx.scale = is_causal, scale
+        ctx.is_causal, ctx.scale, ctx.kind, ctx.extra = is_causal, scale, kind, extra
         return out.detach()
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = _FLASH_CPU_BACKWARD(grad.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, 0.0,
-                                         ctx.is_causal, attn_mask=mask, scale=ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+        if ctx.kind == "cpu":
+            dq, dk, dv = _attention_backward("cpu", grad, q, k, v, out, lse, (), mask, ctx.is_causal, ctx.scale)
+        else:
+            try:
+                dq, dk, dv = _attention_backward(ctx.kind, grad, q, k, v, out, lse, ctx.extra, mask, ctx.is_causal,
+                                                 ctx.scale)
+            except RuntimeError:  # this GPU / build refuses the kernel: the same gradient by autograd
+                _count("fallback:backward")
+                dq, dk, dv = _recomputed_attention_grads(grad, q, k, v, mask, ctx.is_causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def kept_attention(q, k, v, out, lse, mask, is_causal: bool, scale: float) -> torch.Tensor:
+def _recomputed_attention_grads(grad, q, k, v, mask, is_causal, scale):
+    with torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=is_causal, scale=scale)
+        return torch.autograd.grad(o, (qq, kk, vv), grad.transpose(1, 2))
+
+
+def kept_attention(q, k, v, out, lse, mask, is_causal: bool, scale: float, kind: str = "cpu",
+                   extra: tuple = ()) -> torch.Tensor:
     """Attention of the kept heads whose forward was already computed: returns `out` (B, T, h, hd) attached to
-    the graph; the backward is the flash backward over the kept heads. q, k, v: (B, h, T, hd) as attended
-    (after RoPE, KV repeated per head); lse: (B, h, T)."""
-    return _KeptAttention.apply(q, k, v, out, lse, mask, is_causal, scale)
+    the graph; the backward is the kernel's (`kind`, with `extra` from attention_with_lse) over the kept heads.
+    q, k, v: (B, h, T, hd) as attended (after RoPE, KV repeated per head); lse: (B, h, T')."""
+    return _KeptAttention.apply(q, k, v, out, lse, mask, is_causal, scale, kind, extra)
 
 
 # -- rotary position embedding of the kept heads ------------------------------------------------------------

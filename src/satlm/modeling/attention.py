@@ -9,19 +9,31 @@ every head, computed in the scoring pass; the backward is the kept heads' either
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.importance import group_scores, head_scores
-from ..core.ops import (flash_attention_cpu, flash_cpu_available, head_columns, kept_attention, rope,
-                        same_rope)
+from ..core.ops import (CUDA_REUSE_COUNTS, EFFICIENT_BIAS_ALIGN, attention_with_lse, head_columns, kept_attention,
+                        reuse_kernel, rope, same_rope)
 from .base import _SATModule
 from .families import get_path, model_module_function
 from .proj import Proj, Rows, col_project
 from .runtime import SATRuntime
 
 _ATTN_ARGS = ("hidden_states", "position_embeddings", "attention_mask")
+
+
+class _Reuse(NamedTuple):
+    """Paper mode's reuse of its scoring pass: the kernel (ops.reuse_kernel), its mask, is_causal, and the dtype
+    q/k/v are cast to (the autocast dtype; None: no cast)."""
+
+    kind: str
+    mask: torch.Tensor | None
+    is_causal: bool
+    dtype: torch.dtype | None
 
 
 class _GroupsView:
@@ -121,24 +133,46 @@ class SATAttention(_SATModule):
             y = F.dropout(y, p=p, training=self.training)
         return y, None
 
-    def _flash_reuse(self, attend_all, x, attention_mask, dropout, extra):
-        """(additive mask, is_causal) when paper mode can take the kept heads' attention from its pass over every
-        head (attend_all: scoring, or forward=dense): SDPA on the CPU, which runs PyTorch's flash kernel; else None
-        (the kept heads are attended again)."""
+    def _flash_reuse(self, attend_all, x, attention_mask, dropout, extra) -> _Reuse | None:
+        """How paper mode can take the kept heads' attention from its pass over every head (attend_all: scoring,
+        or forward=dense): with SDPA, through a kernel that returns the log-sum-exp (ops.reuse_kernel: the CPU
+        flash kernel; on CUDA flash or memory-efficient); None: the kept heads are attended again."""
         base = self.base_layer
-        if not (attend_all and x.device.type == "cpu"
-                and base.config._attn_implementation == "sdpa" and dropout == 0.0 and flash_cpu_available()
-                and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and not torch.is_autocast_enabled("cpu")
+        if not (attend_all and base.config._attn_implementation == "sdpa" and dropout == 0.0
                 and extra.get("softcap") is None and extra.get("position_bias") is None
                 and not extra.get("output_attentions", False)):
             return None
         if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4):
             return None
+        dev = x.device.type
+        autocast = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+        dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
+        kind = reuse_kernel(dev, dtype, attention_mask is not None, self.head_dim, autocast)
+        if kind is None:
+            return None
         is_causal = extra.get("is_causal")
         is_causal = getattr(base, "is_causal", True) if is_causal is None else is_causal
         is_causal = bool(x.shape[1] > 1 and attention_mask is None and is_causal)
-        return self.sat_runtime.additive_mask_for(attention_mask, x.dtype), is_causal
+        align = EFFICIENT_BIAS_ALIGN if kind == "efficient" else 0
+        mask = self.sat_runtime.additive_mask_for(attention_mask, dtype, align)
+        # Under autocast SDPA computes in the autocast dtype; the kernels are called directly, so q/k/v are cast
+        # here as SDPA would cast them (q after RoPE is fp32 there, v is not).
+        return _Reuse(kind, mask, is_causal, dtype if autocast else None)
+
+    def _attend_with_lse(self, flash: _Reuse, q, k, v):
+        """The reuse kernel's forward (q, k, v cast to the autocast dtype under autocast); None where a CUDA
+        kernel refuses these inputs (the caller then attends as the model does)."""
+        if flash.dtype is not None:
+            q, k, v = q.to(flash.dtype), k.to(flash.dtype), v.to(flash.dtype)
+        if flash.kind == "cpu":
+            return attention_with_lse("cpu", q, k, v, flash.mask, flash.is_causal, self.base_layer.scaling)
+        try:
+            r = attention_with_lse(flash.kind, q, k, v, flash.mask, flash.is_causal, self.base_layer.scaling)
+        except RuntimeError:
+            CUDA_REUSE_COUNTS["fallback:forward"] = CUDA_REUSE_COUNTS.get("fallback:forward", 0) + 1
+            return None
+        CUDA_REUSE_COUNTS[flash.kind] = CUDA_REUSE_COUNTS.get(flash.kind, 0) + 1
+        return r
 
     def _sparse(self, k, x, position_embeddings, attention_mask, kwargs):
         rt, base, sel = self.sat_runtime, self.base_layer, self.sat_selector
@@ -201,10 +235,16 @@ class SATAttention(_SATModule):
                     qh, kh = self._heads(q_all, k_all, cos, sin)  # (B, H, T, hd), (B, n_kv, T, hd)
                     vh = v_all.view(B, T, -1, hd).transpose(1, 2)
                     if flash is not None:
+                        kr, vr = kh, vh
                         if self.rep > 1:
-                            kh, vh = kh.repeat_interleave(self.rep, 1), vh.repeat_interleave(self.rep, 1)
-                        o_all, lse_all = flash_attention_cpu(qh, kh, vh, flash[0], flash[1], base.scaling)
-                    else:
+                            kr, vr = kh.repeat_interleave(self.rep, 1), vh.repeat_interleave(self.rep, 1)
+                        r = self._attend_with_lse(flash, qh, kr, vr)
+                        del kr, vr
+                        if r is None:
+                            flash = None
+                        else:
+                            o_all, lse_all, attn_extra = r
+                    if flash is None:
                         o_all, _ = attend(_GroupsView(base, self.rep), qh, kh, vh, attention_mask,
                                           dropout=0.0, scaling=base.scaling, **extra)  # (B, T, H, hd)
                     del qh, kh, vh
@@ -240,13 +280,23 @@ class SATAttention(_SATModule):
             groups_per_kv = self.rep if rt.config.attn_unit == "kv_group" else 1
         else:
             key, val, groups_per_kv = key.index_select(1, kv_map), val.index_select(1, kv_map), 1
+        if flash is not None and recompute_flash:
+            if groups_per_kv > 1:
+                key, val = key.repeat_interleave(groups_per_kv, 1), val.repeat_interleave(groups_per_kv, 1)
+                groups_per_kv = 1
+            with torch.no_grad():
+                r = self._attend_with_lse(flash, q, key, val)
+            if r is None:
+                flash = None
+            else:
+                o_kept, lse_kept, attn_extra = r
         if flash is not None:
             if groups_per_kv > 1:
                 key, val = key.repeat_interleave(groups_per_kv, 1), val.repeat_interleave(groups_per_kv, 1)
-            if recompute_flash:
-                with torch.no_grad():
-                    o_kept, lse_kept = flash_attention_cpu(q, key, val, flash[0], flash[1], base.scaling)
-            o = kept_attention(q, key, val, o_kept, lse_kept, flash[0], flash[1], base.scaling)
+            if flash.dtype is not None:  # as SDPA casts under autocast (the gradients flow back through the casts)
+                q, key, val = q.to(flash.dtype), key.to(flash.dtype), val.to(flash.dtype)
+            o = kept_attention(q, key, val, o_kept, lse_kept, flash.mask, flash.is_causal, base.scaling,
+                               flash.kind, attn_extra)
         else:
             o, _ = attend(_GroupsView(base, groups_per_kv), q, key, val, attention_mask,
                           dropout=dropout, scaling=base.scaling, **extra)  # (B, T, h_kept, hd)

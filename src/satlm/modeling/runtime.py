@@ -28,7 +28,7 @@ class SATRuntime:
         # True from a training forward (whose logits need a gradient) until its backward reaches the logits.
         self.awaiting_backward = False
         self.token_mask: torch.Tensor | None = None  # (B, T) of the current batch, 1 = real token
-        # (attention mask, dtype, its additive form) of this forward: every layer gets the same mask, which paper
+        # (attention mask, (dtype, alignment), its additive form) of this forward: every layer gets the same mask, which paper
         # mode's flash path converts once per forward.
         self.mask_cache: tuple | None = None
         # The self-check (selfcheck.py) runs the sparse path with every unit kept.
@@ -64,11 +64,11 @@ class SATRuntime:
             return None
         return m
 
-    def additive_mask_for(self, attention_mask, dtype: torch.dtype):
-        """The attention mask as SDPA's CPU kernels take it, converted once per forward."""
+    def additive_mask_for(self, attention_mask, dtype: torch.dtype, align: int = 0):
+        """The attention mask as SDPA's kernels take it (ops.additive_mask), converted once per forward."""
         cache = self.mask_cache
-        if not (cache and cache[0] is attention_mask and cache[1] == dtype):
-            self.mask_cache = cache = (attention_mask, dtype, additive_mask(attention_mask, dtype))
+        if not (cache and cache[0] is attention_mask and cache[1] == (dtype, align)):
+            self.mask_cache = cache = (attention_mask, (dtype, align), additive_mask(attention_mask, dtype, align))
         return cache[2]
 
     @property
