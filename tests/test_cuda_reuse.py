@@ -96,7 +96,8 @@ class Emulated:
         T = q.shape[2]
         padded = torch.full((*lse.shape[:2], -(-T // 32) * 32), float("inf"))  # the kernel pads rows to 32
         padded[..., :T] = lse
-        return _bmhk(out, q.dtype), padded.float(), torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+        seed = offset = torch.zeros((), dtype=torch.int64)
+        return _bmhk(out, q.dtype), padded.float(), seed, offset
 
     def efficient_backward(self, grad, q, k, v, attn_bias, out, lse, seed, offset, dropout_p, grad_input_mask,
                            is_causal=False, *, scale=None):
@@ -185,7 +186,8 @@ def test_autocast_casts_q_k_v_as_sdpa_does(monkeypatch, emulated):
     emulated.calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, grads, kept = sat_step_applied(model, data)
-    assert {c[2] for c in emulated.calls} == {torch.bfloat16} and len(emulated.calls) == 2 * model.config.num_hidden_layers
+    assert {c[2] for c in emulated.calls} == {torch.bfloat16}
+    assert len(emulated.calls) == 2 * model.config.num_hidden_layers
     assert all(g is None or g.dtype == torch.float32 for g in grads.values())
     # against the masked reference under the same autocast, masked with SAT's own kept sets (bf16 near-ties)
     from test_sparse_reference import masked_step

@@ -382,15 +382,9 @@ def _attention_backward(kind, grad, q, k, v, out, lse, extra, mask, is_causal, s
     return dq, dk, dv
 
 
-def _count(key: str) -> None:
+def count_reuse(key: str) -> None:
+    """One more use of a CUDA kind, or of a fallback (CUDA_REUSE_COUNTS)."""
     CUDA_REUSE_COUNTS[key] = CUDA_REUSE_COUNTS.get(key, 0) + 1
-
-
-def flash_attention_cpu(q, k, v, mask, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDPA's CPU flash forward. q, k, v: (B, H, T, hd), same head count. Returns the output as (B, T, H, hd)
-    (the kernel's memory layout) and the log-sum-exp (B, H, T)."""
-    out, lse, _ = attention_with_lse("cpu", q, k, v, mask, is_causal, scale)
-    return out, lse
 
 
 class _KeptAttention(torch.autograd.Function):
@@ -410,7 +404,7 @@ class _KeptAttention(torch.autograd.Function):
                 dq, dk, dv = _attention_backward(ctx.kind, grad, q, k, v, out, lse, ctx.extra, mask, ctx.is_causal,
                                                  ctx.scale)
             except RuntimeError:  # this GPU / build refuses the kernel: the same gradient by autograd
-                _count("fallback:backward")
+                count_reuse("fallback:backward")
                 dq, dk, dv = _recomputed_attention_grads(grad, q, k, v, mask, ctx.is_causal, ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None, None
 

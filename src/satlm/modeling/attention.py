@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.importance import group_scores, head_scores
-from ..core.ops import (CUDA_REUSE_COUNTS, EFFICIENT_BIAS_ALIGN, attention_with_lse, head_columns, kept_attention,
+from ..core.ops import (EFFICIENT_BIAS_ALIGN, attention_with_lse, count_reuse, head_columns, kept_attention,
                         reuse_kernel, rope, same_rope)
 from .base import _SATModule
 from .families import get_path, model_module_function
@@ -169,9 +169,9 @@ class SATAttention(_SATModule):
         try:
             r = attention_with_lse(flash.kind, q, k, v, flash.mask, flash.is_causal, self.base_layer.scaling)
         except RuntimeError:
-            CUDA_REUSE_COUNTS["fallback:forward"] = CUDA_REUSE_COUNTS.get("fallback:forward", 0) + 1
+            count_reuse("fallback:forward")
             return None
-        CUDA_REUSE_COUNTS[flash.kind] = CUDA_REUSE_COUNTS.get(flash.kind, 0) + 1
+        count_reuse(flash.kind)
         return r
 
     def _sparse(self, k, x, position_embeddings, attention_mask, kwargs):
@@ -280,19 +280,18 @@ class SATAttention(_SATModule):
             groups_per_kv = self.rep if rt.config.attn_unit == "kv_group" else 1
         else:
             key, val, groups_per_kv = key.index_select(1, kv_map), val.index_select(1, kv_map), 1
-        if flash is not None and recompute_flash:
+        if flash is not None:  # the kernels take K/V per query head
             if groups_per_kv > 1:
                 key, val = key.repeat_interleave(groups_per_kv, 1), val.repeat_interleave(groups_per_kv, 1)
                 groups_per_kv = 1
-            with torch.no_grad():
-                r = self._attend_with_lse(flash, q, key, val)
-            if r is None:
-                flash = None
-            else:
-                o_kept, lse_kept, attn_extra = r
+            if recompute_flash:
+                with torch.no_grad():
+                    r = self._attend_with_lse(flash, q, key, val)
+                if r is None:
+                    flash = None
+                else:
+                    o_kept, lse_kept, attn_extra = r
         if flash is not None:
-            if groups_per_kv > 1:
-                key, val = key.repeat_interleave(groups_per_kv, 1), val.repeat_interleave(groups_per_kv, 1)
             if flash.dtype is not None:  # as SDPA casts under autocast (the gradients flow back through the casts)
                 q, key, val = q.to(flash.dtype), key.to(flash.dtype), val.to(flash.dtype)
             o = kept_attention(q, key, val, o_kept, lse_kept, flash.mask, flash.is_causal, base.scaling,

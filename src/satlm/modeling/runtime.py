@@ -28,8 +28,8 @@ class SATRuntime:
         # True from a training forward (whose logits need a gradient) until its backward reaches the logits.
         self.awaiting_backward = False
         self.token_mask: torch.Tensor | None = None  # (B, T) of the current batch, 1 = real token
-        # (attention mask, (dtype, alignment), its additive form) of this forward: every layer gets the same mask, which paper
-        # mode's flash path converts once per forward.
+        # (attention mask, (dtype, alignment), its additive form) of this forward: every layer gets the same mask,
+        # which paper mode's reuse kernels convert once per forward.
         self.mask_cache: tuple | None = None
         # The self-check (selfcheck.py) runs the sparse path with every unit kept.
         self.keep_all = False
