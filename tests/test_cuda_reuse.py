@@ -5,7 +5,8 @@ here from their schemas (`torch.ops.aten._scaled_dot_product_flash_attention` an
 `_scaled_dot_product_efficient_attention`, forward and backward): float64 attention that returns what each
 op returns (the flash kernel's 9-tuple, the efficient kernel's log-sum-exp padded to 32 rows) and asserts
 what each op requires (one dtype for q/k/v; no mask for flash; for the efficient kernel a bias of q's dtype,
-broadcast over (B, H, T, S), its rows aligned to 16 elements). satlm is made to pick them on the CPU; the
+broadcast over (B, H, T, S), its rows aligned to 16 elements, and K/V per query head, where flash takes grouped
+K/V as flash-attention does: a K/V head count that divides the query heads', dk/dv per K/V head). satlm is made to pick them on the CPU; the
 model must then equal the masked dense reference (test_sparse_reference.py) and attend once per layer.
 What this cannot check is the GPU kernels themselves: benchmarks/gpu_check.py does that on a device.
 """
@@ -25,6 +26,8 @@ from test_sparse_reference import reference_step, rel_err, sat_step_applied
 
 
 def _math(q, k, v, bias, is_causal, scale):
+    rep = q.shape[1] // k.shape[1]  # grouped K/V: query head h attends with K/V head h // rep
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias.double()
@@ -60,25 +63,29 @@ class Emulated:
     def __init__(self):
         self.calls: list = []
 
-    def _check_qkv(self, q, k, v):
+    def _check_qkv(self, q, k, v, grouped=False):
         assert q.dtype == k.dtype == v.dtype, (q.dtype, k.dtype, v.dtype)
-        assert q.shape[1] == k.shape[1] == v.shape[1], "heads must be repeated per query head"
+        assert k.shape == v.shape and k.shape[1] <= q.shape[1]
+        if grouped:
+            assert q.shape[1] % k.shape[1] == 0, "the K/V heads must divide the query heads"
+        else:
+            assert q.shape[1] == k.shape[1], "heads must be repeated per query head"
         assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
 
     def flash(self, q, k, v, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
-        self._check_qkv(q, k, v)
+        self._check_qkv(q, k, v, grouped=True)
         assert dropout_p == 0.0 and not return_debug_mask
-        self.calls.append(("flash", q.shape[1], q.dtype))
+        self.calls.append(("flash", q.shape[1], q.dtype, k.shape[1]))
         out, lse = _math(q, k, v, None, is_causal, scale)
         e = torch.empty(0)
         return (_bmhk(out, q.dtype), lse.float(), e, e, q.shape[2], k.shape[2], torch.zeros(2, dtype=torch.int64), e, e)
 
     def flash_backward(self, grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, rng, unused,
                        *, scale=None):
-        self._check_qkv(q, k, v)
+        self._check_qkv(q, k, v, grouped=True)
         assert (max_q, max_k) == (q.shape[2], k.shape[2]) and lse.shape == q.shape[:3] and dropout_p == 0.0
         assert rng.dtype == torch.int64
-        self.calls.append(("flash_backward", q.shape[1], q.dtype))
+        self.calls.append(("flash_backward", q.shape[1], q.dtype, k.shape[1]))
         return _grads(grad, q, k, v, None, is_causal, scale, out, lse)
 
     def _check_bias(self, bias, q, k):
@@ -91,7 +98,7 @@ class Emulated:
         self._check_qkv(q, k, v)
         self._check_bias(attn_bias, q, k)
         assert compute_log_sumexp and dropout_p == 0.0
-        self.calls.append(("efficient", q.shape[1], q.dtype))
+        self.calls.append(("efficient", q.shape[1], q.dtype, k.shape[1]))
         out, lse = _math(q, k, v, attn_bias, is_causal, scale)
         T = q.shape[2]
         padded = torch.full((*lse.shape[:2], -(-T // 32) * 32), float("inf"))  # the kernel pads rows to 32
@@ -104,7 +111,7 @@ class Emulated:
         self._check_qkv(q, k, v)
         self._check_bias(attn_bias, q, k)
         assert list(grad_input_mask) == [True, True, True, False] and lse.shape[-1] % 32 == 0
-        self.calls.append(("efficient_backward", q.shape[1], q.dtype))
+        self.calls.append(("efficient_backward", q.shape[1], q.dtype, k.shape[1]))
         return (*_grads(grad, q, k, v, attn_bias, is_causal, scale, out, lse), torch.empty(0))
 
 
@@ -155,8 +162,13 @@ def test_cuda_kernels_reuse_the_scoring_pass_and_match_the_reference(monkeypatch
     rep = heads // kv if unit == "kv_group" else 1
     forwards = [c for c in emulated.calls if not c[0].endswith("backward")]
     backwards = [c[1] for c in emulated.calls if c[0].endswith("backward")]
-    assert forwards == [(kind, heads, torch.float32)] * layers and not sdpa_calls  # one attention per layer
+    # one attention per layer; flash gets the model's K/V heads as they are (no copy per query head)
+    assert forwards == [(kind, heads, torch.float32, kv if kind == "flash" else heads)] * layers and not sdpa_calls
     assert backwards == [len(kept[(i, "attn")]) * rep for i in reversed(range(layers))]  # kept heads only
+    # the kept K/V: grouped for flash under kv_group (regular groups); per kept head otherwise (head unit: which
+    # groups the kept heads use is irregular; the efficient kernel takes one K/V per query head)
+    kv_heads = [c[3] for c in emulated.calls if c[0].endswith("backward")]
+    assert kv_heads == [len(kept[(i, "attn")]) * (1 if kind == "flash" else rep) for i in reversed(range(layers))]
     assert ops.CUDA_REUSE_COUNTS == {kind: layers}
     if forward == "sparse":
         assert kept == ref_kept
@@ -200,14 +212,18 @@ def test_autocast_casts_q_k_v_as_sdpa_does(monkeypatch, emulated):
             assert rel_err(grads[name], g_ref) <= 5e-2, name
 
 
-def test_a_refused_kernel_falls_back_to_the_same_gradients(monkeypatch, emulated):
+@pytest.mark.parametrize("kind,unit", [("efficient", "head"), ("flash", "kv_group")])
+def test_a_refused_kernel_falls_back_to_the_same_gradients(monkeypatch, emulated, kind, unit):
     """A kernel the GPU or build refuses (RuntimeError) costs the reuse, not the gradient: forward refused, the
-    kept heads are attended again; backward refused, their attention is recomputed with autograd."""
-    data = batch(t=12, pad=True)
+    kept heads are attended again; backward refused, their attention is recomputed with autograd (flash under
+    kv_group: from grouped K/V)."""
+    data = batch(t=12, pad=kind == "efficient")
     base = tiny_model(heads=8, kv_heads=2, attn="sdpa")
-    cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", metric="l2", source="current")
+    cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", metric="l2", source="current",
+                     attn_unit=unit)
     ref = copy.deepcopy(base)
-    ref_loss, ref_grads, _ = reference_step(ref, data, 0.5, "head")
+    ref_loss, ref_grads, _ = reference_step(ref, data, 0.5, unit)
+    op = "_EFFICIENT" if kind == "efficient" else "_FLASH_CUDA"
 
     def refuse(*a, **k):
         raise RuntimeError("No available kernel")
@@ -216,7 +232,7 @@ def test_a_refused_kernel_falls_back_to_the_same_gradients(monkeypatch, emulated
         model = copy.deepcopy(base)
         satlm.apply_sat(model, cfg)
         monkeypatch.setattr(attention, "reuse_kernel", _pick({False: "flash", True: "efficient"}))
-        monkeypatch.setattr(ops, "_EFFICIENT" if where == "forward" else "_EFFICIENT_BACKWARD", refuse)
+        monkeypatch.setattr(ops, op if where == "forward" else f"{op}_BACKWARD", refuse)
         ops.CUDA_REUSE_COUNTS.clear()
         loss, grads, _ = sat_step_applied(model, data)
         assert ops.CUDA_REUSE_COUNTS.get(f"fallback:{where}") == model.config.num_hidden_layers, where
@@ -224,8 +240,9 @@ def test_a_refused_kernel_falls_back_to_the_same_gradients(monkeypatch, emulated
         for name, g_ref in ref_grads.items():
             assert rel_err(grads[name], g_ref) <= 1e-5, (where, name)
         monkeypatch.undo()
-        monkeypatch.setattr(ops, "_EFFICIENT", emulated.efficient)
-        monkeypatch.setattr(ops, "_EFFICIENT_BACKWARD", emulated.efficient_backward)
+        for name, fn in [("_FLASH_CUDA", emulated.flash), ("_FLASH_CUDA_BACKWARD", emulated.flash_backward),
+                         ("_EFFICIENT", emulated.efficient), ("_EFFICIENT_BACKWARD", emulated.efficient_backward)]:
+            monkeypatch.setattr(ops, name, fn)
 
 
 def test_reuse_kernel_choices():

@@ -302,6 +302,10 @@ _EFFICIENT = getattr(_ATEN, "_scaled_dot_product_efficient_attention", None)
 _EFFICIENT_BACKWARD = getattr(_ATEN, "_scaled_dot_product_efficient_attention_backward", None)
 # The memory-efficient kernel reads its bias in rows aligned to this many elements (SDPA pads them the same way).
 EFFICIENT_BIAS_ALIGN = 16
+# The kinds that take grouped K/V (GQA: n_kv heads, query head h attends with K/V head h // (H / n_kv)) and
+# return dk/dv per K/V head, so K/V need not be copied per query head: PyTorch's flash kernels (CPU and CUDA;
+# SDPA's enable_gqa passes them grouped K/V as they are). The memory-efficient kernel takes one K/V per head.
+GROUPED_KV_KINDS = frozenset({"cpu", "flash"})
 # How often each CUDA kind ran, and how often it failed and the exact fallback ran instead ("fallback:forward":
 # the kept heads attended again; "fallback:backward": their attention recomputed with autograd). For
 # benchmarks/gpu_check.py: a kernel this PyTorch build or GPU refuses costs speed, never a wrong gradient.
@@ -353,8 +357,9 @@ def _bias(mask, q, k):
 
 
 def attention_with_lse(kind: str, q, k, v, mask, is_causal: bool, scale: float):
-    """One attention kernel's forward. q, k, v: (B, H, T, hd), same head count and dtype. Returns the output as
-    (B, T, H, hd) (the kernels' memory layout), the log-sum-exp (B, H, T'), and what the kernel's backward
+    """One attention kernel's forward. q: (B, H, T, hd); k, v: (B, H_kv, T, hd) in q's dtype, H_kv = H or, for
+    the GROUPED_KV_KINDS, a divisor of H (query head h attends with K/V head h // (H / H_kv)). Returns the
+    output as (B, T, H, hd) (the kernels' memory layout), the log-sum-exp (B, H, T'), and what the backward
     needs besides (a tuple that does not depend on the heads, so it serves any subset of them)."""
     if kind == "cpu":
         out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
@@ -412,7 +417,8 @@ class _KeptAttention(torch.autograd.Function):
 def _recomputed_attention_grads(grad, q, k, v, mask, is_causal, scale):
     with torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=is_causal, scale=scale)
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                           enable_gqa=kk.shape[1] != qq.shape[1])
         return torch.autograd.grad(o, (qq, kk, vv), grad.transpose(1, 2))
 
 
@@ -420,7 +426,8 @@ def kept_attention(q, k, v, out, lse, mask, is_causal: bool, scale: float, kind:
                    extra: tuple = ()) -> torch.Tensor:
     """Attention of the kept heads whose forward was already computed: returns `out` (B, T, h, hd) attached to
     the graph; the backward is the kernel's (`kind`, with `extra` from attention_with_lse) over the kept heads.
-    q, k, v: (B, h, T, hd) as attended (after RoPE, KV repeated per head); lse: (B, h, T')."""
+    q: (B, h, T, hd) as attended (after RoPE); k, v: (B, h, T, hd), or grouped (B, g, T, hd) with g dividing h
+    for the GROUPED_KV_KINDS; lse: (B, h, T')."""
     return _KeptAttention.apply(q, k, v, out, lse, mask, is_causal, scale, kind, extra)
 
 

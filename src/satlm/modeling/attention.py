@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.importance import group_scores, head_scores
-from ..core.ops import (EFFICIENT_BIAS_ALIGN, attention_with_lse, count_reuse, head_columns, kept_attention,
-                        reuse_kernel, rope, same_rope)
+from ..core.ops import (EFFICIENT_BIAS_ALIGN, GROUPED_KV_KINDS, attention_with_lse, count_reuse, head_columns,
+                        kept_attention, reuse_kernel, rope, same_rope)
 from .base import _SATModule
 from .families import get_path, model_module_function
 from .proj import Proj, Rows, col_project
@@ -234,9 +234,9 @@ class SATAttention(_SATModule):
                 if attend_all:
                     qh, kh = self._heads(q_all, k_all, cos, sin)  # (B, H, T, hd), (B, n_kv, T, hd)
                     vh = v_all.view(B, T, -1, hd).transpose(1, 2)
-                    if flash is not None:
+                    if flash is not None:  # K/V as they are where the kernel takes them grouped
                         kr, vr = kh, vh
-                        if self.rep > 1:
+                        if self.rep > 1 and flash.kind not in GROUPED_KV_KINDS:
                             kr, vr = kh.repeat_interleave(self.rep, 1), vh.repeat_interleave(self.rep, 1)
                         r = self._attend_with_lse(flash, qh, kr, vr)
                         del kr, vr
@@ -280,8 +280,8 @@ class SATAttention(_SATModule):
             groups_per_kv = self.rep if rt.config.attn_unit == "kv_group" else 1
         else:
             key, val, groups_per_kv = key.index_select(1, kv_map), val.index_select(1, kv_map), 1
-        if flash is not None:  # the kernels take K/V per query head
-            if groups_per_kv > 1:
+        if flash is not None:  # K/V per query head, unless the kernel takes them grouped (kv_group: regular groups)
+            if groups_per_kv > 1 and flash.kind not in GROUPED_KV_KINDS:
                 key, val = key.repeat_interleave(groups_per_kv, 1), val.repeat_interleave(groups_per_kv, 1)
                 groups_per_kv = 1
             if recompute_flash:
