@@ -212,13 +212,13 @@ def test_autocast_casts_q_k_v_as_sdpa_does(monkeypatch, emulated):
             assert rel_err(grads[name], g_ref) <= 5e-2, name
 
 
-@pytest.mark.parametrize("kind,unit", [("efficient", "head"), ("flash", "kv_group")])
-def test_a_refused_kernel_falls_back_to_the_same_gradients(monkeypatch, emulated, kind, unit):
+@pytest.mark.parametrize("kind,unit,kv", [("efficient", "head", 2), ("flash", "kv_group", 4)])
+def test_a_refused_kernel_falls_back_to_the_same_gradients(monkeypatch, emulated, kind, unit, kv):
     """A kernel the GPU or build refuses (RuntimeError) costs the reuse, not the gradient: forward refused, the
     kept heads are attended again; backward refused, their attention is recomputed with autograd (flash under
-    kv_group: from grouped K/V)."""
+    kv_group: from grouped K/V, 2 kept groups of 4 heads, so that a missing enable_gqa cannot broadcast)."""
     data = batch(t=12, pad=kind == "efficient")
-    base = tiny_model(heads=8, kv_heads=2, attn="sdpa")
+    base = tiny_model(heads=8, kv_heads=kv, attn="sdpa")
     cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", metric="l2", source="current",
                      attn_unit=unit)
     ref = copy.deepcopy(base)

@@ -246,16 +246,18 @@ def test_paper_mode_reuses_the_scoring_pass_attention(monkeypatch, arch, heads, 
     must still equal the masked dense reference, with and without a padding mask (is_causal=True path)."""
     import satlm.core.ops as ops
 
-    calls = {"flash": 0, "sdpa": 0, "backward_heads": []}
+    calls = {"flash": 0, "sdpa": 0, "backward_heads": [], "kv_heads": [], "backward_kv_heads": []}
     flash, flash_backward = ops._FLASH_CPU, ops._FLASH_CPU_BACKWARD
 
-    def counting_flash(*args, **kwargs):
+    def counting_flash(q, k, *args, **kwargs):
         calls["flash"] += 1
-        return flash(*args, **kwargs)
+        calls["kv_heads"].append(k.shape[1])
+        return flash(q, k, *args, **kwargs)
 
-    def counting_backward(grad, q, *args, **kwargs):
+    def counting_backward(grad, q, k, *args, **kwargs):
         calls["backward_heads"].append(q.shape[1])
-        return flash_backward(grad, q, *args, **kwargs)
+        calls["backward_kv_heads"].append(k.shape[1])
+        return flash_backward(grad, q, k, *args, **kwargs)
 
     model = tiny_model(arch, heads=heads, kv_heads=kv, attn="sdpa")
     ref_model = copy.deepcopy(model)
@@ -274,13 +276,17 @@ def test_paper_mode_reuses_the_scoring_pass_attention(monkeypatch, arch, heads, 
     cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", metric="l2",
                      source="current", attn_unit=unit)
     satlm.apply_sat(model, cfg)
-    calls.update(flash=0, sdpa=0, backward_heads=[])  # what apply_sat's self-check ran does not count
+    calls.update(flash=0, sdpa=0, backward_heads=[], kv_heads=[], backward_kv_heads=[])  # not apply_sat's check
     loss, grads, kept = sat_step_applied(model, data)
 
     layers = model.config.num_hidden_layers
     assert calls["flash"] == layers and calls["sdpa"] == 0
     rep = heads // kv if unit == "kv_group" else 1
     assert calls["backward_heads"] == [len(kept[(i, "attn")]) * rep for i in reversed(range(layers))]
+    # the flash kernel takes grouped K/V: the scoring pass gets the model's K/V heads, the kv_group unit's kept
+    # heads their kept groups (no copy per query head); the head unit's kept heads one K/V each (irregular groups)
+    assert calls["kv_heads"] == [kv] * layers
+    assert calls["backward_kv_heads"] == [len(kept[(i, "attn")]) for i in reversed(range(layers))]
     assert kept == ref_kept
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     for name, g_ref in ref_grads.items():
