@@ -16,6 +16,7 @@ SELECTIONS = ("sample", "topk", "random")
 SOURCES = ("current", "history")
 SCHEDULES = ("ladder", "constant", "linear", "steps")
 ATTN_UNITS = ("head", "kv_group")
+FUSED_SCORING = ("auto", "on", "off")
 FORWARDS = ("auto", "dense", "sparse")
 
 
@@ -99,6 +100,10 @@ class SATConfig:
     """history: a unit unobserved for a steps has its score multiplied by 2 ** (a / history_exploration)
     (its score doubles every history_exploration steps), so every unit returns to the kept set; 0 disables
     the bonus."""
+    fused_scoring: str = "auto"
+    """Importance scoring compiled (torch.compile, inductor) into one read of the activations per layer: auto
+    (default: on CUDA when Triton is installed), on (any device; the CPU needs a C++ compiler), off (eager). The
+    same scores up to float rounding; a compile that fails warns and runs eager."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +119,7 @@ class SATConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("attn_unit", self.attn_unit, ATTN_UNITS)
         _choice("forward", self.forward, FORWARDS)
+        _choice("fused_scoring", self.fused_scoring, FUSED_SCORING)
         if self.effective_forward == "dense" and self.source == "history":
             raise SATConfigError("SATConfig.forward='dense' needs source='current': a dense forward computes every "
                                  "unit, so history's gain (selecting before the forward, so that every projection "

@@ -6,6 +6,8 @@ the FLOPs of a step stay those of the projections.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -91,3 +93,57 @@ def head_scores(
 def group_scores(head_scores_: torch.Tensor, n_groups: int) -> torch.Tensor:
     """A KV group's score is the sum of its query heads' scores. (H,) -> (n_groups,)"""
     return head_scores_.reshape(n_groups, -1).sum(dim=1)
+
+
+# -- scoring in one read of the activations (SATConfig.fused_scoring) ----------------------------------------
+# Eager, a padded batch's scores take several passes over the activations (the mask multiply, the square, the
+# sum) and a head score's reduction over (tokens, head features) is strided. Compiled by inductor, each scoring
+# function is one fused reduction kernel that reads the activations once (tests/test_fused_scoring.py reads
+# the generated code). "auto" compiles on CUDA (Triton), where scoring is a measurable part of a layer, and not
+# on the CPU, where it is under 1% of a step and compiling needs a C++ compiler and seconds of start-up.
+
+
+def fused_scoring_wanted(mode: str, device_type: str) -> bool:
+    """Whether scoring on this device is compiled, for SATConfig.fused_scoring = mode (auto, on, off)."""
+    if mode == "off":
+        return False
+    if mode == "on":
+        return True
+    if device_type != "cuda":
+        return False
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
+
+
+class _Fused:
+    """fn compiled once with dynamic shapes (one graph per metric, mask present or not and dtype). A compile that
+    fails (no Triton or C++ compiler, an unsupported op) warns once and leaves fn eager: the same scores up to
+    float rounding."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled, self.failed = fn, None, False
+
+    def __call__(self, *args):
+        if self.failed or torch.compiler.is_compiling():  # inside a compiled model: traced with it, and fused there
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        try:
+            return self.compiled(*args)
+        except Exception as e:  # noqa: BLE001 - any compile failure; the eager call below re-raises a real error
+            self.failed = True
+            warnings.warn(f"satlm: fused scoring ({self.fn.__name__}) could not be compiled, so it runs eager "
+                          f"(same scores, several passes over the activations); set sat.fused_scoring: off to "
+                          f"skip the attempt. The error: {type(e).__name__}: {str(e)[:300]}", stacklevel=2)
+            return self.fn(*args)
+
+
+def _mlp_scores_pure(h, token_mask, metric, down_weight):
+    return mlp_scores(h, token_mask, metric, down_weight)  # no in-place scratch: compiled it would copy back
+
+
+FUSED_MLP_SCORES = _Fused(_mlp_scores_pure)
+FUSED_HEAD_SCORES = _Fused(head_scores)

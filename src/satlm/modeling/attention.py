@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.importance import group_scores, head_scores
+from ..core.importance import group_scores
 from ..core.ops import (EFFICIENT_BIAS_ALIGN, GROUPED_KV_KINDS, attention_with_lse, count_reuse, head_columns,
                         kept_attention, reuse_kernel, rope, same_rope)
 from .base import _SATModule
@@ -251,7 +251,7 @@ class SATAttention(_SATModule):
                 if fresh:
                     scores = None
                     if metric != "random":
-                        scores = head_scores(o_all, mask, metric, op.weight)
+                        scores = rt.head_scores(o_all, mask, metric, op.weight)
                         if rt.config.attn_unit == "kv_group":
                             scores = group_scores(scores, self.n_kv)
                     units = sel.choose(k, scores, x.device)
@@ -302,7 +302,7 @@ class SATAttention(_SATModule):
         if fresh and sel.use_history():
             with torch.no_grad():
                 cols = op.weight.detach().index_select(1, qcols) if metric == "output" else None
-                obs = head_scores(o.detach(), mask, metric, cols)
+                obs = rt.head_scores(o.detach(), mask, metric, cols)
                 if rt.config.attn_unit == "kv_group":
                     obs = group_scores(obs, obs.shape[0] // self.rep)
                 sel.observe(units, obs)

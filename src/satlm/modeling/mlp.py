@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.importance import mlp_scores, mlp_scores_rows
+from ..core.importance import mlp_scores_rows
 from ..core.ops import swiglu_mlp
 from .base import _SATModule
 from .families import get_path
@@ -82,7 +82,7 @@ class SATMLP(_SATModule):
             y, h = self._kept(x, idx, rows, down, act, fused, masks, down_masks)
             if fresh:
                 with torch.no_grad():
-                    sel.observe(idx, mlp_scores(h.detach(), mask, metric, _output_cols(down, idx, metric)))
+                    sel.observe(idx, rt.mlp_scores(h.detach(), mask, metric, _output_cols(down, idx, metric)))
             return y
         idx = sel.cached(k)
         if idx is not None and not rt.dense_forward:
@@ -126,9 +126,9 @@ class SATMLP(_SATModule):
                     if fused and mask is None and metric in ("l2", "output"):  # one read: a norm per row
                         scores = mlp_scores_rows(h_all, metric, down.weight)
                     elif fused:  # scored from a (B, T, f) view; the kept rows are handed to the MLP below
-                        scores = mlp_scores(h_all.t().reshape(*x.shape[:-1], -1), mask, metric, down.weight)
+                        scores = rt.mlp_scores(h_all.t().reshape(*x.shape[:-1], -1), mask, metric, down.weight)
                     else:
-                        scores = mlp_scores(h_all, mask, metric, down.weight, scratch=not dense_forward)
+                        scores = rt.mlp_scores(h_all, mask, metric, down.weight, scratch=not dense_forward)
                 idx = sel.choose(k, scores, x.device)
             y_all = None
             if dense_forward:  # the output over every channel: 2 N d f FLOPs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SATConfig
+from ..core import importance
 from ..core.ops import additive_mask
 from ..schedules import scheduled_rates
 from .families import Layout
@@ -74,3 +75,15 @@ class SATRuntime:
     @property
     def dense_forward(self) -> bool:
         return self.config.effective_forward == "dense"
+
+    def mlp_scores(self, h, token_mask, metric, down_weight=None, scratch=False) -> torch.Tensor:
+        """importance.mlp_scores, fused into one read of h where SATConfig.fused_scoring asks for it."""
+        if importance.fused_scoring_wanted(self.config.fused_scoring, h.device.type):
+            return importance.FUSED_MLP_SCORES(h, token_mask, metric, down_weight)
+        return importance.mlp_scores(h, token_mask, metric, down_weight, scratch=scratch)
+
+    def head_scores(self, o, token_mask, metric, o_weight_cols=None) -> torch.Tensor:
+        """importance.head_scores, fused into one read of o where SATConfig.fused_scoring asks for it."""
+        if importance.fused_scoring_wanted(self.config.fused_scoring, o.device.type):
+            return importance.FUSED_HEAD_SCORES(o, token_mask, metric, o_weight_cols)
+        return importance.head_scores(o, token_mask, metric, o_weight_cols)
