@@ -91,8 +91,10 @@ def _step(model, data):
     model.zero_grad(set_to_none=True)
     loss = model(**data).loss
     loss.backward()
-    kept = [m.sat_last_kept.clone() for m in satlm.modeling.patch._sat_modules(model)]
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, kept
+    mods = satlm.modeling.patch._sat_modules(model)
+    kept = [m.sat_last_kept.clone() for m in mods]
+    scores = [m.sat_last_scores.clone() for m in mods]
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, kept, scores
 
 
 @pytest.mark.parametrize("source,forward", [("current", "sparse"), ("current", "dense"), ("history", "sparse")])
@@ -108,7 +110,9 @@ def test_fused_scoring_in_a_model_gives_eager_scoring_selections_and_gradients(f
         runs[mode] = [_step(model, batch(pad=pad)) for pad in (True, False)]
     assert fresh_fused.FUSED_HEAD_SCORES.compiled is not None and fresh_fused.FUSED_MLP_SCORES.compiled is not None
     assert not (fresh_fused.FUSED_HEAD_SCORES.failed or fresh_fused.FUSED_MLP_SCORES.failed)
-    for (l1, g1, k1), (l2, g2, k2) in zip(runs["off"], runs["on"]):
+    for (l1, g1, k1, s1), (l2, g2, k2, s2) in zip(runs["off"], runs["on"]):
+        for a, b in zip(s1, s2):  # the scores themselves (a wrong score need not change a tiny model's kept set)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert all(torch.equal(a, b) for a, b in zip(k1, k2))
         torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
         for n in g1:
