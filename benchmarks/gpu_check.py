@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import check_case, make_batch, tiny_llama  # noqa: E402
 
+from satlm.core import importance  # noqa: E402
 from satlm.core.ops import CUDA_REUSE_COUNTS  # noqa: E402
 
 PRECISIONS = {  # name -> (weights dtype, autocast dtype, tolerance)
@@ -100,17 +101,25 @@ def main(argv: list[str] | None = None) -> int:
             reuse[key] = reuse.get(key, 0) + n
     summary = {"device": str(device), "cases": len(records), "ok": len(records) - len(failed), "failed": len(failed),
                "near_ties": len(ties), "errors": sum("error" in c for c in records), "attn_reuse": reuse,
-               "seconds": round(time.perf_counter() - start, 1)}
+               "fused_scoring": fused_scoring_status(), "seconds": round(time.perf_counter() - start, 1)}
     print(f"gpu_check: {summary['ok']}/{summary['cases']} ok, {summary['failed']} failed, "
           f"{summary['near_ties']} near-tie case(s) compared with SAT's own kept sets, {summary['seconds']} s")
     if device.type == "cuda":  # paper mode's scoring-pass reuse through CUDA's kernels (ops.reuse_kernel)
         print(f"gpu_check: attention kernels reused {reuse or 'never'} (fallback:* = the kernel refused, "
               "the exact fallback ran)")
+    print(f"gpu_check: fused scoring {summary['fused_scoring']} (SATConfig.fused_scoring=auto; failed = the "
+          "compile failed and scoring ran eager)")
     for c in failed:
         print("FAILED:", line(c))
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "cases": records}, indent=1))
     return 1 if failed else 0
+
+
+def fused_scoring_status() -> dict:
+    """Whether each scoring function ran compiled (one read of the activations), failed to compile, or unused."""
+    return {name: "failed" if f.failed else "compiled" if f.compiled is not None else "unused"
+            for name, f in (("mlp", importance.FUSED_MLP_SCORES), ("head", importance.FUSED_HEAD_SCORES))}
 
 
 def line(c: dict) -> str:

@@ -50,6 +50,8 @@ def check_figures(out: Path) -> str:
         text += "; worst rel err " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items(), reverse=True))
     if s.get("attn_reuse"):  # paper mode's scoring-pass reuse through CUDA's kernels, and any fallbacks
         text += "; attention reuse " + ", ".join(f"{k} {n}" for k, n in sorted(s["attn_reuse"].items()))
+    if s.get("fused_scoring"):  # scoring compiled into one read, or a compile that failed (scored eager)
+        text += "; fused scoring " + ", ".join(f"{k} {v}" for k, v in sorted(s["fused_scoring"].items()))
     return text
 
 

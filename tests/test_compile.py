@@ -67,6 +67,8 @@ CASES = {
     "history-sparse-sdpa-padded-sample": dict(source="history", forward="sparse", selection="sample", pad=True),
     "history-sparse-eager-unpadded-random-metric": dict(source="history", forward="sparse", metric="random",
                                                         attn="eager", pad=False),
+    # fused scoring (its own torch.compile) inside a compiled model: traced with the model, no graph break
+    "current-sparse-sdpa-padded-fused-scoring": dict(forward="sparse", pad=True, fused_scoring="on"),
 }
 
 
