@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a LoRA adapter of rank R on every linear (peft; base weights frozen): LoRA-dense against "
                         "LoRA-SAT, the FLOP ideal counting the LoRA GEMMs; the kept-size model gets one too")
     p.add_argument("--attn-unit", default="head", choices=["head", "kv_group"])
+    p.add_argument("--fused-scoring", default="auto", choices=["auto", "on", "off"],
+                   help="sat.fused_scoring of every SAT variant (auto: compiled on CUDA with Triton)")
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     model = with_lora(model, args.lora)
     bench = Bench(model, per_layer=args.per_layer, batch_size=args.batch_size, seq_len=args.seq_len,
                   device=device, attn_unit=args.attn_unit, attn_rate=args.attn_rate, selection=args.selection,
-                  compile=args.compile)
+                  compile=args.compile, fused_scoring=args.fused_scoring)
 
     what = "one decoder layer" if args.per_layer else f"{cfg.num_hidden_layers} layers"
     what += f", LoRA r={args.lora} on every linear" if args.lora else ""
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                   "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
                   "attn_unit": args.attn_unit, "attn_implementation": cfg._attn_implementation,
                   "attn_rate": args.attn_rate, "selection": args.selection, "lora": args.lora,
-                  "compile": args.compile},
+                  "compile": args.compile, "fused_scoring": args.fused_scoring},
         "dense": dense,
         "results": rows,
     }

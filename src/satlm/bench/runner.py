@@ -139,11 +139,12 @@ class Bench:
     """Holds the model, the data and the step function for whole-model or per-layer timing."""
 
     def __init__(self, model, *, per_layer: bool, batch_size: int, seq_len: int, device: str, attn_unit: str,
-                 seed: int = 0, attn_rate: float | None = None, selection: str = "sample", compile: bool = False):
+                 seed: int = 0, attn_rate: float | None = None, selection: str = "sample", compile: bool = False,
+                 fused_scoring: str = "auto"):
         self.model, self.per_layer, self.device = model, per_layer, device
         # The attention omission rate of every variant: None = the variant's rate (heads and channels alike).
         self.attn_rate = (lambda rate: None) if attn_rate is None else (lambda rate: attn_rate)
-        self.selection = selection
+        self.selection, self.fused_scoring = selection, fused_scoring
         apply_sat(model, SATConfig(omission_rate=0.5, schedule="constant", attn_unit=attn_unit, seed=seed))
         self.runtime = model.sat_runtime
         g = torch.Generator().manual_seed(seed)
@@ -190,7 +191,8 @@ class Bench:
         cfg = self.runtime.config
         self.runtime.config = SATConfig(omission_rate=v.rate, attn_omission_rate=self.attn_rate(v.rate),
                                         schedule="constant", source=v.source, attn_unit=cfg.attn_unit,
-                                        seed=cfg.seed, forward=v.forward, selection=self.selection)
+                                        seed=cfg.seed, forward=v.forward, selection=self.selection,
+                                        fused_scoring=self.fused_scoring)
         self.runtime.set_step(0, None)
         try:
             yield
