@@ -128,3 +128,35 @@ def test_sdpa_step_counts_the_attention_core_as_run(source, unit):
         assert r.get("kh", 1.0) == (1.0 if source is None else 0.5)
     expected = analytic(source, ratios) + L * (sdpa_core - eager_core)
     assert abs(measured - expected) / expected < 0.02, (measured, expected)
+
+
+def test_sdpa_formulas_match_pytorch_and_take_grouped_kv():
+    """satlm's SDPA formulas equal PyTorch's for per-head K/V, and grouped K/V (GQA, what transformers passes
+    SDPA with enable_gqa) count as K/V copied per query head. PyTorch 2.11's own formulas refuse grouped K/V,
+    which stopped `satlm bench` on the GPU image's PyTorch; satlm's mapping covers every SDPA kernel."""
+    from torch.utils import flop_counter as fc
+
+    from satlm.bench.runner import flop_counter, sdpa_backward_flops, sdpa_flop_mapping, sdpa_flops
+
+    q, kv, kv_grouped = (2, 8, 16, 32), (2, 8, 24, 32), (2, 2, 24, 32)
+    assert sdpa_flops(q, kv, kv) == fc.sdpa_flop_count(q, kv, kv) == 2 * (2 * 8 * 16 * 24 * 32) * 2
+    assert sdpa_backward_flops(q, q, kv, kv) == fc.sdpa_backward_flop_count(q, q, kv, kv)
+    assert sdpa_flops(q, kv_grouped, kv_grouped) == sdpa_flops(q, kv, kv)
+    assert sdpa_backward_flops(q, q, kv_grouped, kv_grouped) == sdpa_backward_flops(q, q, kv, kv)
+    with pytest.raises(ValueError):
+        sdpa_flops(q, (2, 3, 24, 32), (2, 3, 24, 32))  # 3 K/V heads do not divide 8 query heads
+    names = {str(op) for op in sdpa_flop_mapping()}
+    assert {"aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention_backward"} \
+        <= names
+
+    torch.manual_seed(0)
+    qt = torch.randn(q, requires_grad=True)
+    kt, vt = torch.randn(kv_grouped, requires_grad=True), torch.randn(kv_grouped, requires_grad=True)
+    counts = []
+    for grouped in (True, False):
+        with flop_counter() as counter:
+            k_, v_ = (kt, vt) if grouped else (kt.repeat_interleave(4, 1), vt.repeat_interleave(4, 1))
+            out = torch.nn.functional.scaled_dot_product_attention(qt, k_, v_, is_causal=True, enable_gqa=grouped)
+            out.sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == sdpa_flops(q, kv, kv) + sdpa_backward_flops(q, q, kv, kv)

@@ -69,20 +69,62 @@ def build_model(shape: Shape, model_path: str | None, dtype: torch.dtype, device
     return model.to(device).train()
 
 
-def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode that also counts PyTorch's CPU flash SDPA kernels, with the formulas PyTorch gives its
-    other SDPA kernels: forward Q K^T and P V over every (query, key) pair; backward five such matmuls (it
-    recomputes the scores)."""
-    from torch.utils import flop_counter as fc
+def sdpa_flops(q, k, v) -> int:
+    """Forward FLOPs of an SDPA kernel from the shapes (B, H, S_q, D), (B, H_kv, S_k, D), (B, H_kv, S_k, D_v): Q K^T
+    and P V over every (query, key) pair of every query head. Grouped K/V (H_kv dividing H) cost what K/V copied
+    per query head cost, as in PyTorch 2.13's formula (PyTorch 2.11's refuses grouped K/V)."""
+    b, h, s_q, d = _sdpa_shapes(q, k, v)
+    s_k, d_v = k[2], v[3]
+    return 2 * b * h * s_q * s_k * (d + d_v)
 
+
+def sdpa_backward_flops(grad_out, q, k, v) -> int:
+    """Backward FLOPs of an SDPA kernel: the scores recomputed (d), dP = dO V^T (d_v), dV = P^T dO (d_v),
+    dQ = dS K (d) and dK = dS^T Q (d): five matmuls over every (query, key) pair (PyTorch's formula)."""
+    b, h, s_q, d = _sdpa_shapes(q, k, v)
+    if tuple(grad_out[:3]) != (b, h, s_q):
+        raise ValueError(f"sdpa backward: grad_out {tuple(grad_out)} against query {tuple(q)}")
+    s_k, d_v = k[2], v[3]
+    return 2 * b * h * s_q * s_k * (3 * d + 2 * d_v)
+
+
+def _sdpa_shapes(q, k, v) -> tuple[int, int, int, int]:
+    b, h, s_q, d = q
+    if k[0] != b or v[0] != b or k[1] != v[1] or h % k[1] or k[3] != d or k[2] != v[2]:
+        raise ValueError(f"sdpa: query {tuple(q)}, key {tuple(k)} and value {tuple(v)} do not fit")
+    return b, h, s_q, d
+
+
+# Every SDPA kernel a step can run: PyTorch's CPU flash kernel (which FlopCounterMode does not count by itself)
+# and its CUDA flash, memory-efficient and cuDNN kernels (whose own formulas refuse grouped K/V before PyTorch
+# 2.13). Each op's first tensors are q, k, v (forward) or grad_out, q, k, v (backward).
+_SDPA_FORWARD = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+_SDPA_BACKWARD = tuple(f"{name}_backward" for name in _SDPA_FORWARD)
+
+
+def sdpa_flop_mapping() -> dict:
+    """FlopCounterMode's custom_mapping for every SDPA kernel this PyTorch has (satlm's formulas above)."""
     def forward(q, k, v, *args, out_shape=None, **kwargs) -> int:  # shapes, as FlopCounterMode passes them
-        return fc.sdpa_flop_count(q, k, v)
+        return sdpa_flops(q, k, v)
 
     def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
-        return fc.sdpa_backward_flop_count(grad_out, q, k, v)
+        return sdpa_backward_flops(grad_out, q, k, v)
 
-    mapping = {_CPU_FLASH_OPS[0]: forward, _CPU_FLASH_OPS[1]: backward} if _CPU_FLASH_OPS else {}
-    return FlopCounterMode(display=False, custom_mapping=mapping)
+    mapping = {}
+    for names, fn in ((_SDPA_FORWARD, forward), (_SDPA_BACKWARD, backward)):
+        for name in names:
+            op = getattr(torch.ops.aten, name, None)
+            if op is not None:
+                mapping[op] = fn
+    return mapping
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that counts every SDPA kernel with satlm's formulas (sdpa_flops, sdpa_backward_flops):
+    forward Q K^T and P V over every (query, key) pair; backward five such matmuls (it recomputes the scores);
+    grouped K/V as if copied per query head. The rest is PyTorch's own counting."""
+    return FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping())
 
 
 def kept_size_model(model, rate: float, attn_unit: str = "head"):
