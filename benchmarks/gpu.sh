@@ -16,7 +16,7 @@
 # At the end ONE summary table (section | status | seconds | key figures), also in OUT_DIR/summary.txt;
 # OUT_DIR/sections.tsv holds the raw statuses. Exit status 0 when no section failed, 1 otherwise.
 #
-# Environment: OUT (the out dir when no argument is given; default gpu-results), PYTHON (default python),
+# Environment: OUT (the out dir when no argument is given; default gpu-results), PYTHON (default: the first of python, python3 that imports torch),
 # SATLM_GPU_BUDGET (seconds for all sections; default 470 on the GPU, 110 with --cpu: a section that would
 # start with less than 10 s left is not run and counts as failed), SATLM_GPU_FAIL_SECTION (comma list of
 # sections to fail on purpose, a test of this script), SATLM_GPU_FSDP_CPU=1 (--cpu: run the fsdp2 section
@@ -33,8 +33,18 @@ out="${1:-${OUT:-gpu-results}}"
 mkdir -p "$out" || exit 1
 out="$(cd "$out" && pwd)"
 
-PY="${PYTHON:-python}"
-command -v "$PY" >/dev/null 2>&1 || PY=python3
+# PYTHON, else the first of python and python3 that imports torch (on the GPU image python3 holds PyTorch, and a
+# plain python, where there is one, may be another interpreter).
+PY="${PYTHON:-}"
+if [[ -z $PY ]]; then
+    for candidate in python python3; do
+        if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import torch' >/dev/null 2>&1; then
+            PY=$candidate
+            break
+        fi
+    done
+    PY="${PY:-python3}"
+fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TRANSFORMERS_VERBOSITY=error
