@@ -17,10 +17,10 @@
 # OUT_DIR/sections.tsv holds the raw statuses. Exit status 0 when no section failed, 1 otherwise.
 #
 # Environment: OUT (the out dir when no argument is given; default gpu-results), PYTHON (default: the first of
-# python and python3 that imports torch), SATLM_GPU_BUDGET (seconds for all sections; default 470 on the GPU, 110 with --cpu: a section that would
-# start with less than 10 s left is not run and counts as failed), SATLM_GPU_FAIL_SECTION (comma list of
-# sections to fail on purpose, a test of this script), SATLM_GPU_FSDP_CPU=1 (--cpu: run the fsdp2 section
-# on 2 CPU processes with gloo instead of skipping it).
+# python and python3 that imports torch), SATLM_GPU_BUDGET (seconds for all sections; default 470 on the GPU, 110
+# with --cpu: a section that would start with less than 10 s left is not run and counts as failed),
+# SATLM_GPU_FAIL_SECTION (comma list of sections to fail on purpose, a test of this script), SATLM_GPU_FSDP_CPU=1
+# (--cpu: run the fsdp2 section on 2 CPU processes with gloo instead of skipping it).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
