@@ -68,7 +68,31 @@ def bench_figures(out: Path, name: str) -> str:
         if "kept_size_speedup" in r:
             text += f" (kept-size {r['kept_size_speedup']:.2f}x)"
         parts.append(text)
-    return "rate 0.5: " + "; ".join(parts) if parts else "no rate-0.5 rows"
+    if not parts:
+        return "no rate-0.5 rows"
+    text = "rate 0.5: " + "; ".join(parts)
+    if name == "step":
+        text += "; " + step_targets(b)
+    return text
+
+
+# Issue 15's targets for the whole step (tinyllama-1.1b preset, bf16, r=0.5): speedup over dense and efficiency.
+STEP_TARGETS = {"current": (1.45, 0.85), "history": (1.8, 0.85)}
+
+
+def step_targets(bench: dict) -> str:
+    """Which of the targets the rate-0.5 rows of the step section meet (forward sparse: the targets' mode)."""
+    missed, seen = [], []
+    for r in bench.get("results", []):
+        target = STEP_TARGETS.get(r["source"])
+        if target is None or abs(r["rate"] - 0.5) > 1e-9 or r.get("forward", "sparse") != "sparse":
+            continue
+        seen.append(r["source"])
+        if r["speedup"] < target[0] or r["efficiency"] < target[1]:
+            missed.append(f"{r['source']} {r['speedup']:.2f}x/{r['efficiency']:.2f} < {target[0]}x/{target[1]}")
+    if not seen:
+        return "targets: no rows"
+    return "targets met" if not missed else "targets MISSED: " + ", ".join(missed)
 
 
 def fsdp_figures(out: Path) -> str:

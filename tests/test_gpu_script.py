@@ -70,3 +70,22 @@ def test_gpu_script_goes_on_past_a_failed_section(tmp_path):
     assert rows["env"][0] == rows["step"][0] == "ok", output[-6000:]  # step ran after the failures
     assert rows["fsdp2"][0] == "skipped"
     assert (out / "step.json").is_file() and not (out / "perlayer.json").exists()
+
+
+def test_summary_reads_the_step_targets():
+    """The step row says whether issue 15's targets (r=0.5, forward sparse: current >= 1.45x, history >= 1.8x,
+    efficiency >= 0.85) are met, and names each one missed."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_summary import step_targets
+
+    def row(source, speedup, eff, forward="sparse", rate=0.5):
+        return {"source": source, "forward": forward, "rate": rate, "speedup": speedup, "efficiency": eff}
+
+    met = {"results": [row("current", 1.5, 0.9), row("history", 1.85, 0.86), row("current", 1.0, 0.5, "dense"),
+                       row("history", 1.0, 0.5, rate=0.25)]}
+    assert step_targets(met) == "targets met"
+    missed = step_targets({"results": [row("current", 1.5, 0.8), row("history", 1.79, 0.9)]})
+    assert missed.startswith("targets MISSED") and "current 1.50x/0.80" in missed and "history 1.79x" in missed
+    assert step_targets({"results": []}) == "targets: no rows"
