@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import SATConfig
-from ..core.ops import FLASH_CPU_OPS as _CPU_FLASH_OPS
+from ..core.ops import flash_cpu_available
 from ..modeling.patch import _unwrap, apply_sat, disable_sat
 
 
@@ -274,7 +274,7 @@ class Bench:
         flash kernel on a PyTorch without it) through eager attention."""
         cfg = self.model.config
         impl = cfg._attn_implementation
-        swap = self.device == "cpu" and impl == "sdpa" and not _CPU_FLASH_OPS
+        swap = self.device == "cpu" and impl == "sdpa" and not flash_cpu_available()
         if swap:
             cfg._attn_implementation = "eager"
             saved_mask = getattr(self, "mask", None)

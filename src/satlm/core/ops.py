@@ -312,10 +312,6 @@ GROUPED_KV_KINDS = frozenset({"cpu", "flash"})
 CUDA_REUSE_COUNTS: dict[str, int] = {}
 
 
-# The two ops as PyTorch names them, for FLOP counting (satlm.bench.runner.flop_counter); () where missing.
-FLASH_CPU_OPS = (_FLASH_CPU, _FLASH_CPU_BACKWARD) if _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None else ()
-
-
 def flash_cpu_available() -> bool:
     return _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None
 
