@@ -217,6 +217,15 @@ class RunConfig:
     time: the SAT side gets the dense side's training time instead: its steps are estimated from its own
     measured step time (each scheduled rate timed against dense before it starts), its LR and SAT schedules
     laid over those steps; it answers which model is better for the same compute time."""
+    seeds: list | None = None
+    """`satlm compare` only: run both sides once per seed in this list (each seed sets the data order, the model-side
+    randomness and SAT's selection; the runs go to output_dir/seed-N/dense and .../sat) and report the mean paired
+    eval-loss delta over seeds with its standard error; null: one pair of runs with `seed` (output_dir/dense,
+    output_dir/sat). `satlm compare --seeds 0,1` sets it."""
+    interleaved_pairs: int = 4
+    """`satlm compare` only: dense/SAT pairs of training steps timed interleaved in one process at each omission
+    level of the schedule, after one warm-up pair (speedup_interleaved; also the time axis of SAT's curve and the
+    step count of budget: time); at least 4; 0: skip the measurement (no interleaved figures)."""
     trainer_args: dict = field(default_factory=dict)
     """Extra transformers.TrainingArguments (fsdp, deepspeed, ...), passed through as given."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -238,6 +247,9 @@ class RunConfig:
         _at_least("seq_len", self.seq_len, 2)
         for key in ("save_steps", "eval_steps", "max_skipped_steps"):
             _at_least(key, getattr(self, key), 0)
+        self._validate_seeds()
+        if self.interleaved_pairs != 0:
+            _at_least("interleaved_pairs", self.interleaved_pairs, 4)
         if self.eval_batch_size is not None:
             _at_least("eval_batch_size", self.eval_batch_size, 1)
         if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
@@ -261,6 +273,16 @@ class RunConfig:
         if self.sat.enabled:
             _warn_unreached_stairs(self.sat, self.max_steps)
         return self
+
+    def _validate_seeds(self) -> None:
+        seeds = self.seeds
+        if seeds is None:
+            return
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+            raise RunConfigError(f"config key 'seeds' must be a non-empty list of integers >= 0 or null (one run "
+                                 f"with `seed`), got {seeds!r}")
+        if len(set(seeds)) < len(seeds):
+            raise RunConfigError(f"config key 'seeds' lists a seed twice: {seeds!r}")
 
     # -- conversion ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -58,30 +58,26 @@ def plot_run(run_dir: Path) -> Path | None:
     return out
 
 
-def plot_compare(runs: dict[str, Path], out: Path, target: float | None = None, reached: float | None = None,
-                 reached_tokens: float | None = None) -> Path:
-    """compare.png: training and eval loss against tokens and against training time (evaluation and saving
-    excluded), one line per run; dense's final eval loss as a line and where SAT first reaches it (target,
-    reached in training seconds, reached_tokens) as a mark."""
+def plot_compare(curves: dict[str, list[dict]], out: Path, target: float | None = None,
+                 reached: float | None = None, reached_tokens: float | None = None, thinned: bool = False) -> Path:
+    """compare.png: eval loss (dense, on held-out data) against training tokens and against training time, one line
+    per run and seed, from compare.json's `curves`; the time axis is the interleaved time model's (`seconds`) where
+    there is one, else each run's own measured train_seconds. Dense's final eval loss as a line and where SAT first
+    reaches it (target; reached in seconds, reached_tokens) as a mark. Training losses are left out: with a thinned
+    forward (thinned) SAT's training loss is a thinned model's, not comparable with dense's."""
     plt = _pyplot()
     fig, (ax_tok, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (label, run_dir) in enumerate(runs.items()):
-        records = read_jsonl_records(Path(run_dir) / METRICS_NAME)
-        evals = read_jsonl_records(Path(run_dir) / EVAL_NAME)
-        if not records:
-            continue
-        color = f"C{i}"
-        smooth = _ema([r["loss"] for r in records])
-        train_label = f"{label} train (EMA)"
-        if label == "sat" and _thinned(run_dir):
-            train_label += ", thinned forward"
-        ax_tok.plot([r["tokens"] for r in records], smooth, color=color, alpha=0.6, label=train_label)
-        ax_time.plot([r["train_seconds"] for r in records], smooth, color=color, alpha=0.6, label=train_label)
-        if evals:
-            ax_tok.plot([e["tokens"] for e in evals], [e["eval_loss"] for e in evals], "o--", color=color,
-                        label=f"{label} eval")
-            ax_time.plot([e.get("train_seconds", e["elapsed_seconds"]) for e in evals],
-                         [e["eval_loss"] for e in evals], "o--", color=color, label=f"{label} eval")
+    modelled = all("seconds" in p for points in curves.values() for p in points)
+    key = "seconds" if modelled else "train_seconds"
+    for i, (label, points) in enumerate(curves.items()):
+        seeds = sorted({p.get("seed") for p in points}, key=lambda s: (s is None, s))
+        for j, seed in enumerate(seeds):
+            pts = sorted((p for p in points if p.get("seed") == seed), key=lambda p: p["step"])
+            name = label + (f" (seed {seed})" if len(seeds) > 1 else "") + (" [thinned forward]"
+                                                                           if thinned and label == "sat" else "")
+            style = dict(color=f"C{i}", ls=("--", ":", "-.")[j % 3], marker="o", ms=4, label=name)
+            ax_tok.plot([p["tokens"] for p in pts], [p["eval_loss"] for p in pts], **style)
+            ax_time.plot([p[key] for p in pts], [p["eval_loss"] for p in pts], **style)
     if target is not None:
         for ax in (ax_tok, ax_time):
             ax.axhline(target, color="grey", lw=0.8, ls=":", label="dense final eval loss")
@@ -89,9 +85,10 @@ def plot_compare(runs: dict[str, Path], out: Path, target: float | None = None, 
             ax_time.plot([reached], [target], marker="*", ms=14, color="C1", ls="none", label="SAT reaches it")
         if reached_tokens is not None:
             ax_tok.plot([reached_tokens], [target], marker="*", ms=14, color="C1", ls="none", label="SAT reaches it")
-    ax_tok.set(xlabel="training tokens", ylabel="loss", title="loss vs tokens")
-    ax_time.set(xlabel="training seconds (evaluation and saving excluded)", ylabel="loss",
-                title="loss vs training time")
+    ax_tok.set(xlabel="training tokens", ylabel="eval loss", title="eval loss vs tokens")
+    xlabel = ("training seconds (SAT's from the interleaved step-time ratios)" if modelled
+              else "training seconds (each run's own; evaluation and saving excluded)")
+    ax_time.set(xlabel=xlabel, ylabel="eval loss", title="eval loss vs training time")
     for ax in (ax_tok, ax_time):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -100,18 +97,3 @@ def plot_compare(runs: dict[str, Path], out: Path, target: float | None = None, 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def _thinned(run_dir: Path) -> bool:
-    """Did this SAT run's forward omit units (sat.forward=sparse), so that its training loss is not the model's?"""
-    import yaml
-
-    cfg = Path(run_dir) / "config.yaml"
-    try:
-        sat = (yaml.safe_load(cfg.read_text()) or {}).get("sat") or {}
-    except (OSError, yaml.YAMLError):
-        return False
-    from ..config import resolve_forward
-
-    forward = resolve_forward(sat.get("forward", "sparse"), sat.get("source", "current"))
-    return bool(sat.get("enabled")) and forward == "sparse"
