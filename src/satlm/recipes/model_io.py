@@ -22,6 +22,7 @@ def resolve_model_path(spec: str) -> str:
     if spec.endswith(".gguf"):
         return gguf_model_path(spec)
     if spec != EMBEDDED:
+        check_model_exists(spec)
         return spec
     try:
         from ..assets import base_model_path
@@ -32,6 +33,40 @@ def resolve_model_path(spec: str) -> str:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"the embedded base model is missing from {path}; build it with `satlm pretrain-base`")
     return str(path)
+
+
+def _looks_like_a_path(spec: str) -> bool:
+    """A local path, not a hub name: a hub name is `name` or `org/name` (one slash, no leading . / ~)."""
+    return (spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1 or spec.endswith("/")
+            or Path(spec).suffix in (".safetensors", ".bin", ".pt", ".json"))
+
+
+def _fetch_hint(spec: str) -> str:
+    """'; did you mean ...' naming `satlm fetch` when `spec` looks like a model it can fetch."""
+    import difflib
+
+    from .fetch import KNOWN_MODELS
+
+    name = Path(spec.rstrip("/")).name.lower()
+    for known in KNOWN_MODELS:
+        family = known.split("-")[0]  # smollm2
+        if family in name or difflib.get_close_matches(name, [known], n=1, cutoff=0.6):
+            return f"; did you mean model: {known} (`satlm fetch {known}` downloads it once)?"
+    return ""
+
+
+def check_model_exists(spec: str) -> None:
+    """A model path that does not exist is a ModelLoadError naming it (Hugging Face would answer "Repo id
+    must be in the form ..." or try the network). A hub name (`org/name`, or a bare `name`) passes, but for a
+    bare name that looks like a model `satlm fetch` knows (`smollm2`): that is a typo, not a hub model."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return
+    hint = _fetch_hint(spec)
+    if _looks_like_a_path(spec):
+        raise ModelLoadError(f"model {spec!r}: no such model folder ({path.absolute()} does not exist){hint}")
+    if hint and "/" not in spec:
+        raise ModelLoadError(f"model {spec!r}: no such model folder{hint}")
 
 
 def _one_line(e: Exception) -> str:
