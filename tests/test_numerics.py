@@ -52,9 +52,11 @@ class Poison(TrainerCallback):
 def test_non_finite_loss_stops_before_the_update(tmp_path, tiny_model_dir, tiny_data, value):
     out = tmp_path / "run"
     poison = Poison(loss_steps=[5], value=value)
+    # checkpoint-4 is newer, but step 5 (the step trained from it) did not train well: checkpoint-2 is the good one
     with pytest.raises(NumericalError, match=rf"step 5: the training loss is {value}; stopped before applying its "
-                       rf"update; the last good checkpoint is {out / 'checkpoint-4'} \(resume with: satlm train "
-                       rf".*config.yaml --resume\); .*set max_skipped_steps=N"):
+                       rf"update; the last good checkpoint is {out / 'checkpoint-2'} \(resume with: satlm train "
+                       rf".*config.yaml resume={out / 'checkpoint-2'}\); checkpoint-4 is not known good: .*set "
+                       rf"max_skipped_steps=N"):
         run_train(_config(tiny_model_dir, tiny_data, out), callbacks=[poison], quiet=True)
     assert poison.finite()  # without the guard AdamW would have written NaN into every weight
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

@@ -156,6 +156,13 @@ def test_output_dir_guards(tmp_path, tiny_model_dir, tiny_data):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "metrics.jsonl").write_text("")
+    for overwrite in (False, True):  # a folder satlm did not mark is not a run of its own (tests/test_run_dir.py)
+        with pytest.raises(RunConfigError, match="is not empty and is not a satlm run"):
+            run_train(_config(tiny_model_dir, tiny_data, out, overwrite=overwrite), quiet=True)
+    (out / "metrics.jsonl").unlink()
+    (out / "notes.txt").unlink()
+    run_train(_config(tiny_model_dir, tiny_data, out, max_steps=1), quiet=True)
+    (out / "notes.txt").write_text("mine")
     with pytest.raises(RunConfigError, match="already holds a run"):
         run_train(_config(tiny_model_dir, tiny_data, out), quiet=True)
     run_train(_config(tiny_model_dir, tiny_data, out, max_steps=1, overwrite=True), quiet=True)

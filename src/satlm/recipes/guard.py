@@ -15,6 +15,14 @@ Three pieces, each a TrainerCallback (or a context manager around `trainer.train
   or skips at the same step.
 - `check_output_dir`: the run directory is writable and its disk has room for a checkpoint, before the
   run starts.
+- `RunDir` (and `claim_output_dir` for `satlm compare`): whose the output folder is. satlm writes only into a
+  new or empty folder or one its own marker `.satlm-run.json` claims, removes (on `overwrite`) only the names
+  that marker lists, never through a symbolic link, and lets one process at a time work in a folder
+  (`fcntl.flock` on `.satlm-run.lock`, held for the run's life).
+- Good checkpoints: `checkpoint-N` is *good* once step N+1, the first step trained from it, had a finite loss
+  and finite gradients and a loss at most `EXPLOSION_FACTOR` times the median of the recent good steps' losses
+  (FaultGuard writes `satlm_good.json` into it then). The guard names the newest good one, and rotation
+  never removes it.
 
 Test hooks (not part of the interface): SATLM_TEST_HOOK=step-sleep:SECONDS sleeps after every step;
 SATLM_TEST_HOOK=pause-save:STEP stops inside checkpoint-STEP's save, after the Trainer wrote it and before
@@ -25,15 +33,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
+import uuid
+from collections import deque
 from pathlib import Path
 from shutil import disk_usage
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from transformers import TrainerCallback
@@ -52,9 +64,13 @@ def _test_hook(name: str) -> float | None:
     return float(value) if kind == name and value else None
 
 
-def resume_hint(out: Path) -> str:
+def resume_hint(out: Path, checkpoint: Path | None = None) -> str:
+    """The command that continues the run: from its newest checkpoint, or from `checkpoint` when that is an
+    older one (--resume would pick the newest)."""
     launcher = " (under the same torchrun / accelerate launch)" if world_size() > 1 else ""
-    return f"resume with: satlm train {out / 'config.yaml'} --resume{launcher}"
+    found = checkpoints(out) if checkpoint is not None else []
+    which = f"resume={checkpoint}" if found and Path(checkpoint) != found[-1] else "--resume"
+    return f"resume with: satlm train {out / 'config.yaml'} {which}{launcher}"
 
 
 def _size(n: float) -> str:
@@ -102,20 +118,70 @@ def _fsync_tree(folder: Path) -> None:
         _fsync(Path(root))
 
 
+def remove_path(path: Path) -> None:
+    """Remove a file, a folder tree or a symbolic link. A link is unlinked, never followed: what it points to
+    is not satlm's to remove (shutil.rmtree refuses a link and, inside the tree, unlinks links)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def replace_dir(src: Path, dst: Path, trash: Path) -> None:
+    """Rename the whole folder `src` to `dst`, an older `dst` first out of the way (to `trash`, then removed),
+    so that the name `dst` only ever holds a whole folder."""
+    _fsync_tree(src)
+    if dst.exists() or dst.is_symlink():
+        remove_path(trash) if trash.exists() or trash.is_symlink() else None
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        remove_path(trash)
+    else:
+        os.replace(src, dst)
+    _fsync(dst.parent)
+
+
+GOOD_NAME = "satlm_good.json"  # in checkpoint-N once the step after it trained well (FaultGuard)
+EXPLOSION_FACTOR = 4.0  # a step loss above this many times the recent median is an explosion
+RECENT_STEPS = 20  # the good steps whose median is that reference
+
+
+def is_good(checkpoint: Path) -> bool:
+    return (checkpoint / GOOD_NAME).is_file()
+
+
+def last_good(out_dir: Path) -> Path | None:
+    """The newest checkpoint known good (see the module doc), or None."""
+    good = [p for p in checkpoints(out_dir) if is_good(p)]
+    return good[-1] if good else None
+
+
+def _write_json(path: Path, obj) -> None:
+    """Whole or not at all (a temporary name, fsync, rename): a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class AtomicCheckpoints(TrainerCallback):
     """Rename each checkpoint from the staging folder into the run directory once it is whole; keep the
-    newest `keep` (None: all). Must be the last callback, so that every other on_save has written its files."""
+    newest `keep` (None: all) and, besides them, the newest good one. Must be the last callback, so that every
+    other on_save has written its files. `run_dir` (a RunDir) records each checkpoint in the run's marker."""
 
-    def __init__(self, out_dir: Path, keep: int | None = None):
+    def __init__(self, out_dir: Path, keep: int | None = None, run_dir: "RunDir | None" = None):
         self.out = Path(out_dir)
         self.staging = self.out / STAGING_DIR
         self.keep = keep
+        self.run_dir = run_dir
 
     def on_train_begin(self, args, state, control, **kwargs):
         # What a killed run left half-written is never resumed from (plan_output_dir refuses it): remove it.
         if args.should_save and self.staging.is_dir():
             for p in self.staging.iterdir():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                remove_path(p)
 
     def on_save(self, args, state, control, **kwargs):
         barrier()  # every rank has written its part (RNG state, FSDP shards) into the staging folder
@@ -127,26 +193,26 @@ class AtomicCheckpoints(TrainerCallback):
         if pause is not None and int(pause) == state.global_step:
             (self.staging / "paused").write_text(name)
             time.sleep(600)
-        _fsync_tree(src)
-        if dst.exists():  # saved again after resuming from an earlier checkpoint: replace it
-            old = self.staging / f"old-{name}"
-            os.replace(dst, old)
-            os.replace(src, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(src, dst)
-        _fsync(self.out)
+        # saved again after resuming from an earlier checkpoint: the old one is replaced
+        replace_dir(src, dst, self.staging / f"old-{name}")
+        if self.run_dir is not None:
+            self.run_dir.saved_checkpoint(name)
         self._rotate(dst)
 
     def _rotate(self, newest: Path) -> None:
         if self.keep is None:
             return
+        # The oldest go first, but never the one just written nor the newest good one (which may make keep + 1:
+        # a run of steps that did not train well never rotates the last good checkpoint out).
         found = checkpoints(self.out)
-        for p in [p for p in found if p != newest][: max(0, len(found) - self.keep)]:
+        spare = [p for p in found if p not in (newest, last_good(self.out))]
+        for p in spare[: max(0, len(found) - self.keep)]:
             # Out of the checkpoint-N namespace first, so that a kill during the removal leaves no half folder.
             trash = self.staging / f"old-{p.name}"
             os.replace(p, trash)
-            shutil.rmtree(trash)
+            remove_path(trash)
+            if self.run_dir is not None:
+                self.run_dir.removed_checkpoint(p.name)
 
     def tidy(self) -> None:
         """Remove the staging folder if nothing is left in it. Not in on_train_end: under torchrun another
@@ -164,14 +230,9 @@ class AtomicCheckpoints(TrainerCallback):
 
     def failed(self, partial: Path, error: BaseException) -> CheckpointError:
         """The error to raise when writing `partial` failed; removes it (it may be what filled the disk)."""
-        reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
-        cause: BaseException | None = error
-        while cause is not None:
-            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-                reason = "no space left on device"
-                break
-            cause = cause.__cause__ or cause.__context__
-        shutil.rmtree(partial, ignore_errors=True)
+        reason = ("no space left on device" if disk_full(error)
+                  else f"{type(error).__name__}: {' '.join(str(error).split())}")
+        remove_path(partial)
         try:
             free = f"; {_size(disk_usage(self.out).free)} free on its disk"
         except OSError:
@@ -181,6 +242,93 @@ class AtomicCheckpoints(TrainerCallback):
                 else "no complete checkpoint was written before it")
         return CheckpointError(f"writing {self.out / partial.name} failed ({reason}{free}); nothing of it was "
                                f"kept; {kept}")
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is a full disk or quota: an OSError with ENOSPC / EDQUOT, or a
+    SafetensorError, which carries the OS error in its text only."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(cause)
+        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system `path` is on (what "no space left on DEVICE" names)."""
+    path = Path(path).resolve()
+    while path != path.parent and os.stat(path.parent).st_dev == os.stat(path).st_dev:
+        path = path.parent
+    return path
+
+
+def no_space(path: Path, need_bytes: int) -> str:
+    """'no space left on device MOUNT (needs N MiB, M MiB free)' for a write of `need_bytes` under `path`."""
+    try:
+        free = f", {_size(disk_usage(path).free)} free"
+        where = f" {mount_point(path)}"
+    except OSError:
+        free = where = ""
+    return f"no space left on device{where} (needs {_size(need_bytes)}{free})"
+
+
+# -- loading a checkpoint --------------------------------------------------------------------------------
+NOT_LOADED_ON_RESUME = ("training_args.bin",)  # a pickled TrainingArguments the Trainer writes and never reads
+
+
+def _load_check(path: Path) -> None:
+    """Load one checkpoint file as a resume would (torch files with weights_only=True and the Trainer's
+    allow-list of numpy RNG types; memory-mapped, so a large optimizer state is not read twice)."""
+    if path.suffix == ".json":
+        json.loads(path.read_text(encoding="utf-8"))
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            list(f.keys())
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            from transformers.trainer_pt_utils import safe_globals
+        except ImportError:
+            safe_globals = contextlib.nullcontext
+        with safe_globals():
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) torch.save format
+
+
+def _why_not_loaded(error: BaseException) -> str:
+    """One line: why a checkpoint file does not load (a refused pickle says what it asked for)."""
+    import pickle
+
+    text = " ".join(str(error).split())
+    if isinstance(error, pickle.UnpicklingError):
+        found = [line.strip() for line in str(error).splitlines() if "Unsupported" in line or "GLOBAL" in line]
+        what = f" ({found[0][:160]})" if found else ""
+        return f"torch.load(weights_only=True) refused its pickle, which asks for more than tensors{what}"
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+def check_checkpoint_loads(checkpoint: Path) -> None:
+    """Every file a resume reads from `checkpoint` loads; else a CheckpointError naming the file and why.
+    Run before anything is trained or changed, so a torn or crafted checkpoint is one line, not a traceback."""
+    checkpoint = Path(checkpoint)
+    for path in sorted(checkpoint.rglob("*")):
+        if path.name in NOT_LOADED_ON_RESUME or not path.is_file():
+            continue
+        try:
+            _load_check(path)
+        except Exception as e:  # noqa: BLE001 - whatever the loader raises, said in one line
+            raise CheckpointError(f"cannot resume from {checkpoint}: {path.name} does not load: "
+                                  f"{_why_not_loaded(e)}; resume from another checkpoint with resume=PATH, or "
+                                  f"start again without resume") from None
 
 
 # -- signals and non-finite steps ------------------------------------------------------------------------
@@ -202,21 +350,29 @@ class NothingLeftToTrain(Exception):
 
 class FaultGuard(TrainerCallback):
     """Stop at the end of the step after SIGINT / SIGTERM (with a checkpoint); stop before, or skip, the
-    update of a step whose loss or gradients are not finite.
+    update of a step whose loss or gradients are not finite; mark a checkpoint good once the step after it
+    trained well (module doc).
 
     Args:
-        out_dir: the run directory (its newest checkpoint is named in the errors).
+        out_dir: the run directory (its last good checkpoint is named in the errors).
         max_skipped_steps: how many non-finite steps may have their update dropped before the run stops;
             0: stop at the first.
+        resume_from: the checkpoint the run resumes from: the recent step losses (the reference of the
+            explosion rule) continue from the ones saved in it.
     """
 
-    def __init__(self, out_dir: Path, max_skipped_steps: int = 0):
+    STATE_NAME = "satlm_guard.json"  # in each checkpoint: the recent good steps' losses
+
+    def __init__(self, out_dir: Path, max_skipped_steps: int = 0, resume_from: str | None = None):
         self.out = Path(out_dir)
         self.max_skipped_steps = max_skipped_steps
+        self.resume_from = resume_from
         self.received = 0  # signal number set by the handler (this process)
         self.stop_signal = 0  # the signal that stops training, agreed by all ranks
         self.skipped: list[int] = []
+        self.trained = False  # a step finished in this session (a load error comes before)
         self.check_grads = True
+        self.recent: deque[float] = deque(maxlen=RECENT_STEPS)  # losses of the recent good steps
         self._losses: list[torch.Tensor] = []
         self._hook = None
         self._sleep = _test_hook("step-sleep")
@@ -233,6 +389,9 @@ class FaultGuard(TrainerCallback):
             # Resumed from the last step's checkpoint (stopped before the final evaluation): the Trainer
             # would train one step past max_steps; everything is loaded now, so leave the loop here.
             raise NothingLeftToTrain(state.global_step)
+        saved = Path(self.resume_from) / self.STATE_NAME if self.resume_from and state.global_step else None
+        if saved is not None and saved.is_file():
+            self.recent.extend(json.loads(saved.read_text())["recent_losses"])
         self._hook = model.register_forward_hook(self._record_loss)
         # fp16 mixed precision: an inf gradient is the GradScaler's cue to lower the scale and skip the step.
         self.check_grads = not args.fp16
@@ -240,10 +399,16 @@ class FaultGuard(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self._losses.clear()
 
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:  # into the staging folder, before AtomicCheckpoints renames it
+            folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            _write_json(folder / self.STATE_NAME, {"recent_losses": list(self.recent)})
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         losses, self._losses = self._losses, []
         device = losses[0].device if losses else next(model.parameters()).device
         loss_bad = (~torch.stack([x.float() for x in losses]).isfinite().all()) if losses else torch.tensor(False)
+        total = torch.stack([x.float() for x in losses]).sum() if losses else torch.tensor(0.0)
         grad_bad = torch.tensor(False)
         if self.check_grads:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -251,13 +416,46 @@ class FaultGuard(TrainerCallback):
             if grads:
                 norms = torch._foreach_norm(grads)
                 grad_bad = ~torch.stack([n.float().to(device) for n in norms]).isfinite().all()
-        flags = torch.stack([loss_bad.to(device).float(), grad_bad.to(device).float(),
-                             torch.tensor(float(self.received), device=device)])
-        loss_bad, grad_bad, signum = (int(v) for v in _all_reduce_max(flags).tolist())  # the one host sync
+        loss_bad, grad_bad, total = loss_bad.to(device), grad_bad.to(device), total.to(device)
+        flags = torch.stack([loss_bad.float(), grad_bad.float(), torch.tensor(float(self.received), device=device),
+                             torch.where(loss_bad, torch.zeros_like(total), total)])
+        loss_bad, grad_bad, signum, total = _all_reduce_max(flags).tolist()  # the one host sync
         if signum:
-            self.stop_signal = signum
+            self.stop_signal = int(signum)
+        self._judge(state.global_step, not (loss_bad or grad_bad) and not self._exploded(total), total)
         if loss_bad or grad_bad:
             self._non_finite(args, state, model, losses, bool(loss_bad))
+
+    # -- good checkpoints ------------------------------------------------------------------------------
+    def _exploded(self, loss: float) -> bool:
+        """Above EXPLOSION_FACTOR times the median of the recent good steps' losses (losses >= 0, as a language
+        model's are; with no good step yet, nothing counts as an explosion)."""
+        return bool(self.recent) and loss > EXPLOSION_FACTOR * statistics.median(self.recent)
+
+    def _judge(self, step: int, trained_well: bool, loss: float) -> None:
+        """Step `step` + 1 is about to be applied: it trained from checkpoint-`step` (if there is one), which
+        is good when this step `trained_well`."""
+        if not trained_well:
+            return
+        self.recent.append(loss)
+        checkpoint = self.out / f"{CHECKPOINT_PREFIX}{step}"
+        if is_main_process() and step and (checkpoint / "trainer_state.json").is_file() and not is_good(checkpoint):
+            _write_json(checkpoint / GOOD_NAME, {"checked_by_step": step + 1, "step_loss": loss})
+
+    def _kept(self) -> str:
+        """What is left to resume from, for the error of a step that did not train well."""
+        found = checkpoints(self.out)
+        if not found:
+            return "no checkpoint was written before it"
+        good = last_good(self.out)
+        newer = [p.name for p in found if good is None or checkpoint_step(p.name) > checkpoint_step(good.name)]
+        unproven = (f"{', '.join(newer)} {'is' if len(newer) == 1 else 'are'} not known good: the step after "
+                    f"{'it' if len(newer) == 1 else 'each'} did not train with a finite loss of at most "
+                    f"{EXPLOSION_FACTOR:g}x the recent median") if newer else ""
+        if good is None:
+            return f"no checkpoint is known good ({unproven}); train again from the start, with a lower lr"
+        return (f"the last good checkpoint is {good} ({resume_hint(self.out, good)})"
+                + (f"; {unproven}" if unproven else ""))
 
     def _non_finite(self, args, state, model, losses, loss_bad: bool) -> None:
         step = state.global_step + 1
@@ -265,14 +463,11 @@ class FaultGuard(TrainerCallback):
         what = (f"the training loss is {bad[0] if bad else 'not finite (on another rank)'}" if loss_bad
                 else "a gradient is not finite")
         if len(self.skipped) >= self.max_skipped_steps:
-            newest = checkpoints(self.out)
-            kept = (f"the last good checkpoint is {newest[-1]} ({resume_hint(self.out)})" if newest
-                    else "no checkpoint was written before it")
             more = (f" after {len(self.skipped)} skipped step(s) (max_skipped_steps={self.max_skipped_steps})"
                     if self.max_skipped_steps else "")
             hint = ("" if self.max_skipped_steps else "; or set max_skipped_steps=N to drop the update of up to N "
                     "such steps")
-            raise NumericalError(f"step {step}: {what}{more}; stopped before applying its update; {kept}; "
+            raise NumericalError(f"step {step}: {what}{more}; stopped before applying its update; {self._kept()}; "
                                  f"a lower lr or max_grad_norm may help{hint}")
         self.skipped.append(step)
         if not args.fp16:  # (fp16: the GradScaler skips a step with non-finite gradients itself)
@@ -283,6 +478,7 @@ class FaultGuard(TrainerCallback):
                   f"{self.max_skipped_steps})", file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.trained = True
         if self._sleep:
             time.sleep(self._sleep)
         if state.global_step >= state.max_steps and not self.stop_signal:
@@ -344,15 +540,22 @@ def catch_stop_signals(guard: FaultGuard) -> Iterator[None]:
 
 
 # -- before the run --------------------------------------------------------------------------------------
+def model_bytes(model: torch.nn.Module) -> int:
+    """About what the model's weights take on disk (final/; tied weights once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def checkpoint_bytes(model: torch.nn.Module, optim: str) -> int:
     """About what one checkpoint takes on disk: the weights plus the optimizer's state (Adam: two moments)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     moments = 2 if "adam" in optim.lower() else 1
-    return weights + moments * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return model_bytes(model) + moments * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
+
+PROBE_NAME = ".satlm-write-test"
 
 
 def _write_probe(folder: Path) -> None:
-    probe = folder / ".satlm-write-test"
+    probe = folder / PROBE_NAME
     with open(probe, "wb") as f:
         f.write(b"satlm")
         f.flush()
@@ -360,18 +563,353 @@ def _write_probe(folder: Path) -> None:
     probe.unlink()
 
 
-def check_output_dir(out: Path, need_bytes: int = 0) -> None:
-    """The run directory takes files, and its disk has room for one checkpoint (`need_bytes`)."""
+def check_output_dir(out: Path, need_bytes: int = 0, what: str = "one checkpoint",
+                     contents: str = "weights and optimizer state") -> None:
+    """The run directory takes files, and its disk has room for `what` (`need_bytes`): one checkpoint, or
+    with save_steps=0 the final model alone."""
     try:
         _write_probe(out)
     except OSError as e:
         raise RunConfigError(f"output_dir {out} is not writable: {e.strerror or e}") from None
     free = disk_usage(out).free
     if need_bytes and free < need_bytes:
-        raise RunConfigError(f"output_dir {out}: {_size(free)} free on its disk, less than one checkpoint takes "
-                             f"(about {_size(need_bytes)}: weights and optimizer state); free some space or "
-                             "choose another output_dir")
+        raise RunConfigError(f"output_dir {out}: {_size(free)} free on its disk, less than {what} takes "
+                             f"(about {_size(need_bytes)}: {contents}); free some space or choose another "
+                             "output_dir")
 
 
-__all__ = ["AtomicCheckpoints", "FaultGuard", "NothingLeftToTrain", "STAGING_DIR", "catch_stop_signals",
-           "check_output_dir", "checkpoint_bytes", "checkpoints"]
+# -- the run directory: whose it is, one process at a time -----------------------------------------------
+MARKER_NAME = ".satlm-run.json"  # the first file a run writes: what it is and what it writes
+LOCK_NAME = ".satlm-run.lock"  # flock-ed by the one process working in the folder; holds its PID
+PREVIOUS_DIR = ".previous"  # an overwritten run, until the new one has saved a checkpoint or finished
+MARKER_VERSION = 1
+KEPT_IN_PLACE = (MARKER_NAME, LOCK_NAME, PREVIOUS_DIR, PROBE_NAME, f".{MARKER_NAME}.tmp")  # never moved aside
+PROGRESS = ("summary.json",)  # besides checkpoints: a run that wrote one of these got somewhere
+SHOWN = 5  # files named when a folder is refused
+
+
+class RunLock:
+    """One process per run directory: an exclusive `fcntl.flock` on `.satlm-run.lock` in it, held until
+    `release()` or the process's end (the OS drops it then, so a kill -9 leaves no stale lock). The file
+    holds the holder's PID, which the refusal names; it is never removed (removing a lock file races with
+    a process about to lock it). Where fcntl is missing (Windows) there is no lock."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        if self.fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise RunConfigError(f"cannot open the lock file {self.path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = self._holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunConfigError(f"output_dir {self.folder} is in use by another satlm process ({holder} "
+                                     f"holds {self.path}); wait for it to end, or choose another output_dir") from None
+            raise RunConfigError(f"cannot lock {self.path}: {e.strerror or e}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return f"PID {text}" if text.isdigit() else "a process that has not written its PID yet"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def _plain_name(name) -> bool:
+    """A marker may list only names inside its folder: a crafted `../x` must not make overwrite reach out."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of a satlm run or comparison in `folder`, or None. A marker that does not read as one is a
+    RunConfigError: satlm cannot tell then what in the folder is its own."""
+    path = Path(folder) / MARKER_NAME
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+        ok = (isinstance(marker, dict) and marker.get("satlm_run") == MARKER_VERSION
+              and isinstance(marker.get("kind"), str)
+              and all(isinstance(marker.get(k), list) and all(map(_plain_name, marker[k]))
+                      for k in ("writes", "checkpoints")))
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise RunConfigError(f"{path} is not a satlm run marker (damaged or written by hand), so satlm cannot "
+                             f"tell which files in {folder} are its own; choose another output_dir")
+    return marker
+
+
+def _legacy_kind(folder: Path) -> str | None:
+    """'train' or 'compare' for a folder satlm wrote before it wrote markers: a config.yaml whose first line is
+    the header satlm train writes (`# satlm train FOLDER/config.yaml`), or a compare.json whose config's
+    output_dir is this folder; else None."""
+    folder = Path(folder)
+    try:
+        with open(folder / "config.yaml", encoding="utf-8", errors="replace") as f:
+            head = f.readline()
+        if head.startswith("# satlm train "):
+            named = Path(head[len("# satlm train "):].strip())
+            if named.name == "config.yaml" and named.parent.name == folder.resolve().name:
+                return "train"
+    except OSError:
+        pass
+    try:
+        config = json.loads((folder / "compare.json").read_text(encoding="utf-8")).get("config") or {}
+        if Path(str(config.get("output_dir", ""))).name == folder.resolve().name:
+            return "compare"
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def is_satlm_run(folder: Path) -> bool:
+    """Whether `folder` holds a satlm run or comparison (marked, or written by satlm before markers)."""
+    folder = Path(folder)
+    return folder.is_dir() and (read_marker(folder) is not None or _legacy_kind(folder) is not None)
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _listing(paths: Sequence[Path]) -> str:
+    names = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in paths]
+    more = f" (and {len(names) - SHOWN} more)" if len(names) > SHOWN else ""
+    return ", ".join(names[:SHOWN]) + more
+
+
+class RunDir:
+    """The output folder of one satlm run (kind 'train') or comparison ('compare'), claimed by a marker.
+
+    `.satlm-run.json`, the first file the run writes (after taking the lock), holds: satlm_run (the marker's
+    version), kind, run_id, satlm_version, created (UTC), writes (every name the run may write in the folder),
+    parts (sub-folders that are runs of their own, e.g. compare's dense/ and sat/) and checkpoints (the
+    checkpoint-N folders it wrote that are still there).
+
+    satlm works in a folder that is new or empty, or that a marker of the same kind claims; a folder satlm
+    wrote before it wrote markers (`_legacy_kind`) counts as claimed, listing today's names. Anything else is
+    refused, and so are '', '.', '..', '/' and the home folder unless they hold a claimed run. With overwrite,
+    the names the marker lists (and only those) are moved into `.previous/` (links moved as links, never
+    followed), which is removed once the new run saved its first checkpoint or finished (`saved_checkpoint`,
+    `finished`); when a run that never got that far is overwritten in turn, its files are removed and the
+    `.previous/` it left, the last run that did, is kept.
+
+    `plan` checks and changes nothing but the lock; `prepare`, after every other pre-flight check, creates the
+    folder, checks it takes files and has room, locks it, checks it again and only then moves anything.
+    Both run on rank 0 (distributed.on_main_process); the lock lives in rank 0's process.
+    """
+
+    def __init__(self, path: str | Path, kind: str, writes: Sequence[str], parts: Sequence[str] = ()):
+        self.spec = str(path)
+        self.path = Path(path).expanduser()
+        self.kind, self.writes, self.parts = kind, tuple(writes), tuple(parts)
+        self.lock = RunLock(self.path)
+        self.owner: dict | None = None  # the marker plan() found (None: a new or empty folder)
+        self.resume = False
+        self.replace: list[str] = []  # the previous run's names that prepare() moves aside
+        self.marker: dict | None = None  # this run's, once prepare() wrote it
+        self._previous_pending = False
+
+    # -- whose the folder is -----------------------------------------------------------------------------
+    def _special(self) -> str | None:
+        if not self.spec.strip():
+            return "empty (the current folder)"
+        here = Path.cwd().resolve()
+        named = {Path(here.anchor): "the root folder", Path.home().resolve(): "the home folder",
+                 here.parent: "the parent folder", here: "the current folder"}
+        return named.get(self.path.resolve())
+
+    def _owner(self) -> dict | None:
+        """The folder's marker; for a folder of an older satlm, one made up for it (its checkpoint-N folders)."""
+        marker = read_marker(self.path)
+        if marker is not None:
+            return marker
+        kind = _legacy_kind(self.path)
+        if kind is None:
+            return None
+        found = [p.name for p in checkpoints(self.path)] if kind == "train" else []
+        return {"satlm_run": MARKER_VERSION, "kind": kind, "legacy": True, "writes": list(self.writes),
+                "parts": list(self.parts), "checkpoints": found}
+
+    def _part_is_ours(self, path: Path) -> bool:
+        return path.is_dir() and (not any(path.iterdir()) or is_satlm_run(path))
+
+    def _foreign(self) -> list[Path]:
+        """What in the folder satlm did not write (the lock, its probe and sub-runs that are satlm's aside)."""
+        return [p for p in sorted(self.path.iterdir())
+                if p.name not in (LOCK_NAME, PROBE_NAME) and not (p.name in self.parts and self._part_is_ours(p))]
+
+    def look(self) -> dict | None:
+        """The folder's owner (None: new or empty), or a RunConfigError saying why satlm may not write there."""
+        out = self.path
+        if _exists(out) and not out.is_dir():
+            raise RunConfigError(f"output_dir {out} is a file")
+        owner = self._owner() if out.is_dir() else None
+        special = self._special()
+        if owner is None and special:
+            raise RunConfigError(f"output_dir {self.spec!r} is {special} ({out.resolve()}), which holds no satlm "
+                                 "run; name a folder for the run itself, new or empty, e.g. output_dir=runs/NAME")
+        if owner is None:
+            foreign = self._foreign() if out.is_dir() else []
+            if foreign:
+                raise RunConfigError(f"output_dir {out} is not empty and is not a satlm run (no {MARKER_NAME} in "
+                                     f"it): it holds {_listing(foreign)}; satlm writes only into a new or empty "
+                                     "folder or one of its own runs, and removes nothing it did not write: choose "
+                                     "another output_dir, or an empty one")
+            return None
+        if owner["kind"] != self.kind:
+            raise RunConfigError(f"output_dir {out} holds a satlm {owner['kind']} (see {out / MARKER_NAME}), not a "
+                                 f"{self.kind} run; choose another output_dir")
+        return owner
+
+    def _names_of(self, owner: dict) -> list[str]:
+        """The names of `owner`'s run that are in the folder now (what overwrite moves aside)."""
+        names = [n for n in owner["writes"] if n not in KEPT_IN_PLACE and _exists(self.path / n)]
+        return names + [n for n in owner["checkpoints"] if n not in names and _exists(self.path / n)]
+
+    # -- before the run ------------------------------------------------------------------------------------
+    def plan(self, overwrite: bool = False, resume: bool = False) -> None:
+        """Check the folder (nothing changes): may this run write there, and what would overwrite replace?
+        A claimed folder is locked now, so that a second process fails before it loads anything."""
+        self.owner, self.resume = self.look(), resume
+        if self.owner is None:
+            return
+        self.lock.acquire()
+        names = self._names_of(self.owner)
+        if names and not resume:
+            if not overwrite:
+                raise RunConfigError(f"output_dir {self.path} already holds a run; set resume=true to continue it "
+                                     "or overwrite=true to replace it")
+            self.replace = names
+
+    def prepare(self, need_bytes: int = 0, what: str = "one checkpoint",
+                contents: str = "weights and optimizer state") -> Path:
+        """The last pre-flight checks (the folder takes files and has room for `what`), then the lock, then the
+        changes: the previous run moved aside, this run's marker written. Returns the folder."""
+        out = self.path
+        created = not _exists(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunConfigError(f"cannot create output_dir {out}: {e.strerror or e}") from None
+        try:
+            check_output_dir(out, need_bytes, what, contents)
+        except RunConfigError:
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # the empty folder this run made, and nothing else
+            raise
+        self.lock.acquire()
+        now = self.look()  # again, under the lock: another process may have written here since plan()
+        if (now or {}).get("run_id") != (self.owner or {}).get("run_id"):
+            raise RunConfigError(f"output_dir {out} changed while this run was being set up (another satlm process "
+                                 "wrote a run there); start again")
+        if self.replace:
+            self._move_aside()
+        self.marker = self._continued(now) if self.resume and now is not None else self._new_marker()
+        _write_json(out / MARKER_NAME, self.marker)
+        self._previous_pending = _exists(out / PREVIOUS_DIR)
+        return out
+
+    def _new_marker(self) -> dict:
+        from .. import __version__
+
+        return {"satlm_run": MARKER_VERSION, "kind": self.kind, "run_id": uuid.uuid4().hex,
+                "satlm_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "writes": sorted(set(self.writes) | set(KEPT_IN_PLACE)), "parts": list(self.parts),
+                "checkpoints": []}
+
+    def _continued(self, owner: dict) -> dict:
+        """The marker of a run that is resumed (a folder of an older satlm gets one now)."""
+        if not owner.get("legacy"):
+            return owner
+        return {**self._new_marker(), "checkpoints": owner["checkpoints"], "adopted": True}
+
+    def _move_aside(self) -> None:
+        out, previous = self.path, self.path / PREVIOUS_DIR
+        got_somewhere = any(checkpoint_step(n) is not None or n in PROGRESS for n in self.replace)
+        if _exists(previous) and not got_somewhere:
+            for name in self.replace:  # a run that saved nothing: the .previous/ it left is the one to keep
+                remove_path(out / name)
+            return
+        if _exists(previous):
+            remove_path(previous)
+        previous.mkdir()
+        for name in self.replace:
+            os.rename(out / name, previous / name)  # a link is renamed, not followed
+        _fsync(out)
+
+    # -- during and after the run --------------------------------------------------------------------------
+    def _save(self) -> None:
+        if self.marker is not None:
+            _write_json(self.path / MARKER_NAME, self.marker)
+
+    def saved_checkpoint(self, name: str) -> None:
+        """checkpoint `name` is whole in the folder: list it, and drop the overwritten run now."""
+        if self.marker is not None and name not in self.marker["checkpoints"]:
+            self.marker["checkpoints"].append(name)
+            self._save()
+        self.finished()
+
+    def removed_checkpoint(self, name: str) -> None:
+        if self.marker is not None and name in self.marker["checkpoints"]:
+            self.marker["checkpoints"].remove(name)
+            self._save()
+
+    def finished(self) -> None:
+        """The run saved a checkpoint or finished: the run it overwrote (in .previous/) is not needed now."""
+        if self._previous_pending:
+            remove_path(self.path / PREVIOUS_DIR)
+            self._previous_pending = False
+
+    def claim(self) -> Path:
+        """For a comparison's folder: check it is new, empty or one of satlm's comparisons, lock it, mark it."""
+        self.plan(resume=True)
+        return self.prepare()
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+@contextlib.contextmanager
+def claim_output_dir(path: str | Path, kind: str = "compare", writes: Sequence[str] = (),
+                     parts: Sequence[str] = ()) -> Iterator[RunDir]:
+    """Claim `path` for the life of the block: refused (RunConfigError) unless it is new, empty or already a
+    satlm `kind`; locked against a second process; marked (`.satlm-run.json`, listing `writes`, the names the
+    block writes, and `parts`, sub-folders that are runs of their own such as compare's dense/ and sat/, which
+    may be links to such runs). Nothing in it is moved or removed. Under torchrun rank 0 claims it and every
+    rank gets its error. Call it after the pre-flight checks, so that a refused config leaves no folder."""
+    from ..distributed import on_main_process
+
+    run_dir = RunDir(path, kind, writes, parts)
+    try:
+        on_main_process(run_dir.claim)
+        yield run_dir
+    finally:
+        run_dir.release()
+
+
+__all__ = ["AtomicCheckpoints", "FaultGuard", "NothingLeftToTrain", "RunDir", "RunLock", "STAGING_DIR",
+           "catch_stop_signals", "check_checkpoint_loads", "check_output_dir", "checkpoint_bytes", "checkpoints",
+           "claim_output_dir", "is_satlm_run", "last_good", "model_bytes", "read_marker"]

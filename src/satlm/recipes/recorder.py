@@ -1,7 +1,18 @@
-"""RunRecorder: the run directory's metrics, periodic dense evaluation, TensorBoard and the progress bar.
+"""RunRecorder: the run directory's metrics, periodic dense evaluation, TensorBoard and the progress bar;
+LossWindow: the training loss each metrics record logs.
 
 Times: `elapsed_seconds` is wall-clock since training began (continued across resumes); `train_seconds`
 leaves out evaluation and checkpoint writing, and tokens/s is measured over it.
+
+The logged loss is satlm's own (LossWindow), not the Trainer's: the mean over the steps since the previous
+record of each step's loss as Trainer.training_step returns it (summed over its micro-batches, averaged over
+ranks), which is what the Trainer logs, with two differences. The window still open at a checkpoint is saved
+in it (`satlm_log_window.json`) and continued on resume, so a resumed run logs what an uninterrupted one logs
+(the Trainer starts an empty window, and the record after the resume averages fewer steps). A step whose update
+was skipped (max_skipped_steps) counts in no loss: its record lists it in `skipped_steps` (a record whose every
+step was skipped is not written; its steps are listed in the next one), where the Trainer would log its
+NaN as the window's running mean, or as 0.0. The last step is always logged, so a run shorter than
+logging_steps still has a loss.
 """
 
 from __future__ import annotations
@@ -14,10 +25,12 @@ from array import array
 from pathlib import Path
 from typing import Callable
 
-from transformers import TrainerCallback
+import torch
+from transformers import Trainer, TrainerCallback
 
 METRICS_NAME = "metrics.jsonl"
 EVAL_NAME = "eval.jsonl"
+WINDOW_NAME = "satlm_log_window.json"  # in each checkpoint: the logging window open at it
 
 
 def read_jsonl_records(path: Path) -> list[dict]:
@@ -42,12 +55,115 @@ def _rewrite(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar over data-parallel ranks (the value itself in one process), as the Trainer
+    averages its logged loss."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value.item()
+    value = value.detach().clone().float()
+    if "nccl" in str(dist.get_backend()):
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value.item() / dist.get_world_size()
+
+
+class LossWindow(TrainerCallback):
+    """The training loss since the last record (module doc). Must be the first callback, so that every other
+    on_log (SATCallback, the trackers of report_to, RunRecorder) sees satlm's loss.
+
+    Args:
+        skipped: the steps whose update was dropped; FaultGuard appends to this list.
+        resume_from: the checkpoint the run resumes from, whose saved window is continued.
+    """
+
+    def __init__(self, skipped: list[int], resume_from: str | None = None):
+        self.skipped = skipped
+        self.resume_from = resume_from
+        self.total: torch.Tensor | None = None  # the summed step losses of the window, this rank
+        self.steps = 0  # steps in the window that count (not skipped)
+        self.skipped_in_window: list[int] = []  # skipped steps not yet listed in a record
+        self._step_start: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        """One micro-batch's loss, as Trainer.training_step returns it (LoggedLossTrainer calls this)."""
+        if self.total is None:  # float32, as the Trainer's own sum: bf16 losses are not summed in bf16
+            self.total = torch.zeros((), dtype=torch.float32, device=loss.device)
+        self.total = self.total + loss.detach()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.total, self.steps, self.skipped_in_window = None, 0, []
+        saved = Path(self.resume_from) / WINDOW_NAME if self.resume_from and state.global_step else None
+        if saved is not None and saved.is_file():
+            window = json.loads(saved.read_text())
+            self.total = torch.tensor(window["loss_sum"], dtype=torch.float32, device=args.device)
+            self.steps, self.skipped_in_window = window["steps"], list(window["skipped_steps"])
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = self.total
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.skipped:  # its loss counts in no record
+            self.total = self._step_start
+            self.skipped_in_window.append(state.global_step)
+        else:
+            self.steps += 1
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the end of a run shorter than, or not a multiple of, logging_steps
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        loss = self._mean()
+        self.total, self.steps = None, 0
+        if loss is None:
+            del logs["loss"]  # every step of the window was skipped: nothing to log (the next record lists them)
+        else:
+            logs["loss"] = loss
+
+    def _mean(self) -> float | None:
+        if not self.steps:
+            return None
+        total = self.total if self.total is not None else torch.zeros(())
+        return _mean_over_ranks(total) / self.steps
+
+    def take_skipped(self) -> list[int]:
+        """The skipped steps since the last record, for the record being written (then forgotten)."""
+        taken, self.skipped_in_window = self.skipped_in_window, []
+        return taken
+
+    def on_save(self, args, state, control, **kwargs):
+        total = self.total if self.total is not None else torch.zeros(())
+        window = {"step": state.global_step, "loss_sum": _mean_over_ranks(total), "steps": self.steps,
+                  "skipped_steps": self.skipped_in_window}  # the mean over ranks: every rank resumes from it
+        if args.should_save:  # into the staging folder, before AtomicCheckpoints renames it
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            tmp = folder / f".{WINDOW_NAME}.tmp"
+            tmp.write_text(json.dumps(window) + "\n")
+            os.replace(tmp, folder / WINDOW_NAME)
+
+
+class LoggedLossTrainer(Trainer):
+    """transformers.Trainer whose training_step hands each micro-batch's loss to a LossWindow (`loss_window`)
+    as well; everything else is the Trainer's."""
+
+    loss_window: LossWindow | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.loss_window is not None:
+            self.loss_window.add(loss)
+        return loss
+
+
 class RunRecorder(TrainerCallback):
     """Writes metrics.jsonl (one record per logged step) and eval.jsonl; evaluates every eval_steps."""
 
     def __init__(self, out_dir: Path, evaluate: Callable[[], dict], eval_steps: int = 0,
-                 tensorboard: bool = True, progress: bool = True):
+                 tensorboard: bool = True, progress: bool = True, window: LossWindow | None = None):
         self.out_dir = Path(out_dir)
+        self.window = window  # the skipped steps a record lists come from it
         self.evaluate = evaluate  # () -> {'loss', 'perplexity', 'tokens'}, dense
         self.eval_steps = eval_steps
         self.tensorboard = tensorboard
@@ -141,6 +257,9 @@ class RunRecorder(TrainerCallback):
             "tokens": tokens,
             "grad_norm": logs.get("grad_norm"),
         }
+        skipped = self.window.take_skipped() if self.window is not None else []
+        if skipped:
+            record["skipped_steps"] = skipped
         self._keep(record)
         if not self.main:
             return

@@ -2,16 +2,24 @@
 
 A flat recipe: setup (output dir, model, data, Trainer) -> train -> save -> cleanup. The run directory:
 
+    .satlm-run.json  the marker: the run's id and kind, and every name the run writes (guard.RunDir); written
+                     first, so that overwrite removes only what this run wrote
+    .satlm-run.lock  flock-ed by the process that runs here (one at a time); holds its PID
     config.yaml      the resolved config
     metrics.jsonl    one record per logged step: step, loss, lr, attn_omission_rate, mlp_omission_rate,
-                     tokens_per_second, elapsed_seconds (+ train_seconds, tokens, grad_norm)
+                     tokens_per_second, elapsed_seconds (+ train_seconds, tokens, grad_norm; skipped_steps
+                     when steps of its window were skipped); the loss is recorder.LossWindow's
     eval.jsonl       one record per (dense) evaluation: step, eval_loss, eval_perplexity, ...
     summary.json     steps, tokens, wall_seconds, tokens_per_second, train_loss, eval_loss, eval_perplexity
-    checkpoint-N/    for resume (the Trainer's files plus sat_state.pt); written in .tmp-checkpoints/ and
-                     renamed here when whole, so a run killed at any moment resumes from a whole one
-    final/           a plain HF model and tokenizer (with lora: the adapter merged in; final/adapter/ the adapter)
+    checkpoint-N/    for resume (the Trainer's files plus sat_state.pt, the open logging window, the guard's
+                     recent losses, satlm_good.json once the step after it trained well); written in
+                     .tmp-checkpoints/ and renamed here when whole, so a run killed at any moment resumes
+                     from a whole one
+    final/           a plain HF model and tokenizer (with lora: the adapter merged in; final/adapter/ the
+                     adapter); written in .tmp-final/ and renamed here when whole
     plots/           training.png
     tensorboard/     when tensorboard is installed
+    .previous/       with overwrite: the run this one replaces, until this one saved a checkpoint or finished
 """
 
 from __future__ import annotations
@@ -20,65 +28,79 @@ import dataclasses
 import gc
 import json
 import math
-import shutil
+import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..distributed import barrier, is_main_process, on_main_process
-from ..errors import DataError, NumericalError, RunConfigError
+from ..errors import CheckpointError, DataError, NumericalError, RunConfigError
 from ..run_config import RunConfig
 from .data import build_datasets
 from .evaluate import evaluate_loss
-from .guard import (STAGING_DIR, AtomicCheckpoints, FaultGuard, NothingLeftToTrain, catch_stop_signals,
-                    check_output_dir, checkpoint_bytes, checkpoint_step, checkpoints)
+from .guard import (STAGING_DIR, AtomicCheckpoints, FaultGuard, NothingLeftToTrain, RunDir, catch_stop_signals,
+                    check_checkpoint_loads, checkpoint_bytes, checkpoints, disk_full, model_bytes, no_space,
+                    remove_path, replace_dir, resume_hint)
+from .guard import check_output_dir, checkpoint_step, claim_output_dir  # noqa: F401  (for compare and callers)
 from .model_io import check_run_fits_model, check_supported, load_model, load_tokenizer, resolve_model_path
 from .plots import plot_run
-from .recorder import EVAL_NAME, METRICS_NAME, RunRecorder
+from .recorder import EVAL_NAME, METRICS_NAME, LoggedLossTrainer, LossWindow, RunRecorder
 
 CONFIG_NAME, SUMMARY_NAME, FINAL_DIR = "config.yaml", "summary.json", "final"
+FINAL_STAGING, OLD_FINAL = ".tmp-final", ".old-final"  # final/ is written in the first, an older one goes via the second
 RUN_FILES = (CONFIG_NAME, METRICS_NAME, EVAL_NAME, SUMMARY_NAME, FINAL_DIR, "plots", "tensorboard", STAGING_DIR)
+# Every name a run writes in its folder besides checkpoint-N/ (listed in the marker; what overwrite may move)
+RUN_WRITES = RUN_FILES + (FINAL_STAGING, OLD_FINAL, f".{METRICS_NAME}.tmp", f".{EVAL_NAME}.tmp")
 
 
 # -- output directory ------------------------------------------------------------------------------------
-def plan_output_dir(cfg: RunConfig) -> tuple[str | None, list[Path]]:
-    """(checkpoint to resume from or None, files of a previous run to remove); raises before anything changes."""
-    out = Path(cfg.output_dir)
-    if cfg.resume is not False:
-        if isinstance(cfg.resume, str):
-            if not (Path(cfg.resume) / "trainer_state.json").is_file():
-                raise RunConfigError(f"resume={cfg.resume!r} is not a checkpoint folder (no trainer_state.json)")
-            if Path(cfg.resume).resolve().parent == (out / STAGING_DIR).resolve():
-                raise RunConfigError(f"resume={cfg.resume!r} is a checkpoint that was never finished; resume "
-                                     f"from a checkpoint-N/ folder of {out}")
-            return cfg.resume, []
-        found = checkpoints(out, sat=cfg.sat.enabled)
-        if not found:
-            raise RunConfigError(f"resume=true, but {out} holds no checkpoint-N/ to resume from")
-        return str(found[-1]), []
-    if out.exists() and not out.is_dir():
-        raise RunConfigError(f"output_dir {out} is a file")
-    previous = [out / name for name in RUN_FILES if (out / name).exists()]
-    previous += [p for p in (out.iterdir() if out.is_dir() else []) if checkpoint_step(p.name) is not None]
-    if previous and not cfg.overwrite:
-        raise RunConfigError(f"output_dir {out} already holds a run; set resume=true to continue it "
-                             "or overwrite=true to replace it")
-    return None, previous
+def _resume_checkpoint(cfg: RunConfig, out: Path) -> Path | None:
+    """The checkpoint `resume` names (None: resume=false), or a RunConfigError saying why there is none."""
+    if cfg.resume is False:
+        return None
+    if isinstance(cfg.resume, str):
+        path = Path(cfg.resume).expanduser()
+        if not (path / "trainer_state.json").is_file():
+            raise RunConfigError(f"resume={cfg.resume!r} is not a checkpoint folder (no trainer_state.json)")
+        if path.resolve().parent == (out / STAGING_DIR).resolve():
+            raise RunConfigError(f"resume={cfg.resume!r} is a checkpoint that was never finished; resume "
+                                 f"from a checkpoint-N/ folder of {out}")
+        return path
+    found = checkpoints(out, sat=cfg.sat.enabled)
+    if not found:
+        raise RunConfigError(f"resume=true, but {out} holds no checkpoint-N/ to resume from")
+    return found[-1]
 
 
-def prepare_output_dir(cfg: RunConfig, stale: list[Path], need_bytes: int = 0) -> Path:
-    """Remove a previous run's files (only what a run writes, never the rest of the folder), create the dir
-    and check that it takes files and has room for a checkpoint of `need_bytes`."""
-    out = Path(cfg.output_dir)
-    for p in stale:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunConfigError(f"cannot create output_dir {out}: {e.strerror or e}") from None
-    check_output_dir(out, need_bytes)
-    return out
+def _refuse_linked_final(out: Path) -> None:
+    final = out / FINAL_DIR
+    if final.is_symlink():
+        raise RunConfigError(f"{final} is a symbolic link (to {os.readlink(final)}); a run writes final/ as a "
+                             "folder of its own: remove the link (or move it out of the run), or choose another "
+                             "output_dir")
+
+
+def plan_output_dir(cfg: RunConfig, run_dir: RunDir) -> str | None:
+    """The checkpoint to resume from, or None; raises before anything changes: the folder must be satlm's
+    (guard.RunDir.plan), the checkpoint whole and loadable."""
+    checkpoint = _resume_checkpoint(cfg, run_dir.path)
+    run_dir.plan(overwrite=cfg.overwrite, resume=checkpoint is not None)
+    if checkpoint is None:
+        return None
+    _refuse_linked_final(run_dir.path)
+    check_checkpoint_loads(checkpoint)
+    return str(checkpoint)
+
+
+def _space_needed(cfg: RunConfig, model) -> dict:
+    """What the disk must have room for before the run starts: one checkpoint, or with save_steps=0 (no
+    checkpoints) the final model alone."""
+    if cfg.save_steps:
+        return {"need_bytes": checkpoint_bytes(model, cfg.optim), "what": "one checkpoint",
+                "contents": "weights and optimizer state"}
+    return {"need_bytes": model_bytes(model), "what": "the final model",
+            "contents": "its weights; save_steps=0 writes no checkpoint"}
 
 
 # -- setup -----------------------------------------------------------------------------------------------
@@ -168,8 +190,21 @@ def describe(cfg: RunConfig) -> str:
 
 # -- the recipe ------------------------------------------------------------------------------------------
 def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> dict:
-    """Train as `cfg` says and write the run directory; return the summary (also in summary.json)."""
-    from transformers import PrinterCallback, ProgressCallback, Trainer, set_seed
+    """Train as `cfg` says and write the run directory; return the summary (also in summary.json).
+
+    The output folder is checked first (its owner, a lock, the checkpoint to resume from) and changed last,
+    after every other pre-flight check passed (see guard.RunDir); it stays locked until this returns."""
+    if cfg.output_dir.startswith("~"):
+        cfg.output_dir = os.path.expanduser(cfg.output_dir)  # as TrainingArguments does for the checkpoints
+    run_dir = RunDir(cfg.output_dir, "train", RUN_WRITES)
+    try:
+        return _run(cfg, run_dir, callbacks, quiet)
+    finally:
+        run_dir.release()
+
+
+def _run(cfg: RunConfig, run_dir: RunDir, callbacks: Sequence, quiet: bool) -> dict:
+    from transformers import PrinterCallback, ProgressCallback, set_seed
 
     from ..integrations.hf_trainer import SATCallback
     from ..modeling.patch import apply_sat, remove_sat
@@ -179,7 +214,7 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
     args = training_arguments(cfg, precision)  # under torchrun / accelerate this joins the process group
     # Rank 0 alone reads and changes the output dir; every rank gets its answer (or its error), so a rank
     # that starts late never sees rank 0's new files as "a previous run", nor deletes them twice.
-    resume_from, stale = on_main_process(plan_output_dir, cfg)
+    resume_from = on_main_process(plan_output_dir, cfg, run_dir)
     if not quiet and is_main_process():
         print(f"satlm train: {describe(cfg)}" + (f" (resuming from {resume_from})" if resume_from else ""))
     set_seed(cfg.seed)
@@ -208,7 +243,8 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
         model = get_peft_model(model, cfg.lora.peft_config())  # the base weights frozen, the adapter trained
     if cfg.sat.enabled:
         apply_sat(model, cfg.sat.to_sat_config())
-    out = on_main_process(prepare_output_dir, cfg, stale, checkpoint_bytes(model, cfg.optim))
+    # Only now, every check passed: the folder made, checked for room, the previous run moved aside, marked.
+    out = on_main_process(run_dir.prepare, **_space_needed(cfg, model))
     if is_main_process():
         (out / CONFIG_NAME).write_text(cfg.to_yaml(header="satlm train " + str(out / CONFIG_NAME)))
 
@@ -218,15 +254,20 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
     def evaluate():
         return evaluate_loss(model, data.eval, data.eval_collator, eval_bs, autocast_dtype=amp)
 
-    recorder = RunRecorder(out, evaluate, cfg.eval_steps, tensorboard=cfg.tensorboard, progress=cfg.progress)
     sat_callbacks = [SATCallback(resume_from_checkpoint=resume_from)] if cfg.sat.enabled else []
-    guard = FaultGuard(out, cfg.max_skipped_steps)
+    guard = FaultGuard(out, cfg.max_skipped_steps, resume_from=resume_from)
+    window = LossWindow(guard.skipped, resume_from=resume_from)
+    recorder = RunRecorder(out, evaluate, cfg.eval_steps, tensorboard=cfg.tensorboard, progress=cfg.progress,
+                           window=window)
     # Last, so that every other on_save (sat_state.pt) is in the folder before it is renamed; it rotates
     # checkpoints after the rename, so the Trainer must not rotate them before.
-    saver = AtomicCheckpoints(out, keep=args.save_total_limit)
+    saver = AtomicCheckpoints(out, keep=args.save_total_limit, run_dir=run_dir)
     args.save_total_limit = None
-    trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=data.collator,
-                      processing_class=tokenizer, callbacks=[*sat_callbacks, recorder, *callbacks, guard, saver])
+    trainer = LoggedLossTrainer(model=model, args=args, train_dataset=data.train, data_collator=data.collator,
+                                processing_class=tokenizer,
+                                callbacks=[*sat_callbacks, recorder, *callbacks, guard, saver])
+    trainer.loss_window = window
+    trainer.callback_handler.callbacks.insert(0, window)  # first: every other on_log sees its loss
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if cfg.report_to not in ("none", [], ["none"], None):
@@ -240,37 +281,18 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
         final = recorder.run_eval(state) if completed else (recorder.evals[-1] if recorder.evals else {})
 
         # save
-        last = recorder.last_record
-        summary = {
-            "steps": state.global_step,
-            "tokens": state.num_input_tokens_seen,
-            "wall_seconds": last["elapsed_seconds"] if last else 0.0,
-            "tokens_per_second": (state.num_input_tokens_seen / last["train_seconds"]
-                                  if last and last["train_seconds"] > 0 else None),
-            "tokens_per_second_median": recorder.median_tokens_per_second(),
-            "train_loss": recorder.train_loss(),
-            "eval_loss": final.get("eval_loss"),
-            "eval_perplexity": final.get("eval_perplexity"),
-            "train_seconds": last["train_seconds"] if last else 0.0,
-            "eval_tokens": final.get("eval_tokens"),
-            "completed": completed,
-            "skipped_steps": guard.skipped,
-            "task": cfg.task,
-            "model": model_path,
-            "sat_enabled": cfg.sat.enabled,
-            "precision": precision,
-            # where the tokens came from (built / read from the cache) differs between a run and its resume
-            "data": {k: v for k, v in data.info.items() if not k.startswith("tokenized_cache")},
-        }
+        summary = _summary(cfg, state, recorder, guard, final, completed, model_path, precision, data)
         if completed:
             model.config.use_cache = use_cache
-            if cfg.lora.enabled:
-                save_lora_final(trainer, model, tokenizer, out / FINAL_DIR)
-            else:
-                trainer.save_model(str(out / FINAL_DIR))  # SAT layers save under the plain architecture's names
-        if trainer.is_world_process_zero():
-            (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-            plot_run(out)
+            try:
+                save_final(trainer, model, tokenizer, cfg, out)
+            except CheckpointError:
+                summary["completed"] = False  # no final/: a resume evaluates and saves it again
+                _write_summary(trainer, out, summary)
+                raise
+        _write_summary(trainer, out, summary)
+        if completed and trainer.is_world_process_zero():
+            run_dir.finished()
     finally:
         # cleanup
         guard.close()
@@ -284,6 +306,74 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
     if not quiet and is_main_process():
         _print_summary(summary, out)
     return summary
+
+
+def _summary(cfg, state, recorder, guard, final: dict, completed: bool, model_path: str, precision: str,
+             data) -> dict:
+    """summary.json. train_loss and the tokens/s are None when nothing was logged (a run stopped before its
+    first record)."""
+    last = recorder.last_record
+    return {
+        "steps": state.global_step,
+        "tokens": state.num_input_tokens_seen,
+        "wall_seconds": last["elapsed_seconds"] if last else 0.0,
+        "tokens_per_second": (state.num_input_tokens_seen / last["train_seconds"]
+                              if last and last["train_seconds"] > 0 else None),
+        "tokens_per_second_median": recorder.median_tokens_per_second(),
+        "train_loss": recorder.train_loss(),
+        "eval_loss": final.get("eval_loss"),
+        "eval_perplexity": final.get("eval_perplexity"),
+        "train_seconds": last["train_seconds"] if last else 0.0,
+        "eval_tokens": final.get("eval_tokens"),
+        "completed": completed,
+        "skipped_steps": guard.skipped,
+        "task": cfg.task,
+        "model": model_path,
+        "sat_enabled": cfg.sat.enabled,
+        "precision": precision,
+        # where the tokens came from (built / read from the cache) differs between a run and its resume
+        "data": {k: v for k, v in data.info.items() if not k.startswith("tokenized_cache")},
+    }
+
+
+def _write_summary(trainer, out: Path, summary: dict) -> None:
+    if trainer.is_world_process_zero():
+        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        plot_run(out)
+
+
+def _clear_final_staging(out: Path) -> None:
+    """Before final/ is written: a linked final/ is refused (the rename would not replace it, writing through
+    it would write elsewhere); what a killed write left in .tmp-final/ is removed."""
+    _refuse_linked_final(out)
+    staging = out / FINAL_STAGING
+    if staging.exists() or staging.is_symlink():
+        remove_path(staging)
+
+
+def save_final(trainer, model, tokenizer, cfg: RunConfig, out: Path) -> None:
+    """final/, whole or not at all: written into .tmp-final/, synced, then renamed to final/ (an older final/
+    replaced). A full disk is a CheckpointError that says how much room it needs; nothing of it is kept."""
+    final, staging = out / FINAL_DIR, out / FINAL_STAGING
+    on_main_process(_clear_final_staging, out)
+    try:
+        if cfg.lora.enabled:
+            save_lora_final(trainer, model, tokenizer, staging)
+        else:
+            trainer.save_model(str(staging))  # SAT layers save under the plain architecture's names
+        barrier()
+    except Exception as e:
+        if trainer.is_world_process_zero() and (staging.exists() or staging.is_symlink()):
+            remove_path(staging)  # it may be what filled the disk
+        if not disk_full(e):
+            raise
+        newest = checkpoints(out)
+        then = (f"free some space, then {resume_hint(out)} (it evaluates and saves final/ again)" if newest
+                else "free some space and train again (no checkpoint to resume from: save_steps=0)")
+        raise CheckpointError(f"writing {final} failed: {no_space(out, model_bytes(model))}; nothing of it was "
+                              f"kept; {then}") from e
+    if trainer.is_world_process_zero():
+        replace_dir(staging, final, out / OLD_FINAL)
 
 
 def save_lora_final(trainer, model, tokenizer, final: Path) -> None:
@@ -300,9 +390,22 @@ def save_lora_final(trainer, model, tokenizer, final: Path) -> None:
         tokenizer.save_pretrained(str(final))
 
 
+def _load_error(error: BaseException) -> bool:
+    """An exception of the kind a checkpoint that does not load raises (a refused or torn pickle, a torn
+    safetensors or JSON file, weights that do not fit the model)."""
+    import pickle
+    import zipfile
+
+    kinds = (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, json.JSONDecodeError)
+    return isinstance(error, kinds) or type(error).__name__ == "SafetensorError" or (
+        isinstance(error, RuntimeError) and "load" in str(error).lower())
+
+
 def _train(trainer, resume_from: str | None, guard: FaultGuard, saver: AtomicCheckpoints) -> None:
     """trainer.train() under the guards: SIGINT / SIGTERM stop it with a checkpoint (the same signal again at
-    once), and a save that fails (disk full, ...) is a CheckpointError that names what is left."""
+    once), a save that fails (disk full, ...) is a CheckpointError that names what is left, and so is a
+    checkpoint that fails to load before the first step (check_checkpoint_loads catches most of those
+    before anything starts)."""
     try:
         with catch_stop_signals(guard):
             trainer.train(resume_from_checkpoint=resume_from)
@@ -315,6 +418,9 @@ def _train(trainer, resume_from: str | None, guard: FaultGuard, saver: AtomicChe
     except NumericalError:
         raise
     except Exception as e:
+        if resume_from and not guard.trained and _load_error(e):
+            first = " ".join(str(e).split())[:300] or type(e).__name__
+            raise CheckpointError(f"cannot resume from {resume_from}: {type(e).__name__}: {first}") from None
         partial = saver.partial() if trainer.args.should_save else None
         if partial is None:
             raise
@@ -327,8 +433,9 @@ def _train(trainer, resume_from: str | None, guard: FaultGuard, saver: AtomicChe
 def _print_summary(s: dict, out: Path) -> None:
     tps = f"{s['tokens_per_second']:,.0f} tokens/s" if s["tokens_per_second"] else "n/a tokens/s"
     ev = f", eval loss {s['eval_loss']:.4f} (ppl {s['eval_perplexity']:.2f})" if s["eval_loss"] is not None else ""
+    train = f"{s['train_loss']:.4f}" if s["train_loss"] is not None else "n/a (no step logged)"
     print(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_seconds']:.1f}s ({tps}), "
-          f"train loss {s['train_loss']:.4f}{ev} -> {out}")
+          f"train loss {train}{ev} -> {out}")
 
 
 def main(argv: list[str] | None = None) -> dict:
