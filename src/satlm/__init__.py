@@ -2,9 +2,8 @@
 
 from .config import SATConfig, SATConfigError
 from .errors import GradientCheckpointingError
-from .modeling.adapters import ADAPTERS
 from .modeling.attention import SATAttention
-from .modeling.families import FAMILIES, UnsupportedModelError
+from .modeling.families import ADAPTERS, FAMILIES, UnsupportedModelError
 from .modeling.mlp import SATMLP
 from .modeling.patch import (
     apply_sat,

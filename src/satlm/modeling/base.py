@@ -12,8 +12,6 @@ from ..schedules import kept_count
 from .runtime import SATRuntime
 from .selector import UnitSelector
 
-BASE_PREFIX = "base_layer."  # kept for callers of 0.1: parameter names no longer carry it
-
 
 class _SATModule(nn.Module):
     component = ""  # "attn" or "mlp"
@@ -44,7 +42,7 @@ class _SATModule(nn.Module):
         self.base_layer.training = mode  # not a child: its flag follows the wrapper's
         return self
 
-    # -- the selector's state, under the names of satlm 0.1 -------------------------------------------------
+    # -- the selector's state (sat_state reads it) -----------------------------------------------------------
     @property
     def sat_last_kept(self) -> torch.Tensor | None:
         return self.sat_selector.last_kept
@@ -56,10 +54,6 @@ class _SATModule(nn.Module):
     @property
     def sat_history(self) -> torch.Tensor | None:
         return self.sat_selector.history
-
-    @property
-    def sat_age(self) -> torch.Tensor | None:
-        return self.sat_selector.age
 
     # -- shared machinery -------------------------------------------------------------------------------
     def base_layer_device(self) -> torch.device:
@@ -87,6 +81,3 @@ class _SATModule(nn.Module):
             self.sat_selector.forget_last()
             return None
         return k
-
-    def _select(self, k: int, scores: torch.Tensor | None, device) -> torch.Tensor:
-        return self.sat_selector.choose(k, scores, device)

@@ -151,6 +151,9 @@ FAMILIES: dict[str, Layout] = {
                         **_SW_MODULE, notes="attention heads, and MLP channels of its dense (non-expert) layers"),
 }
 
+# Each supported model class name -> its family's Layout (satlm.ADAPTERS).
+ADAPTERS: dict[str, Layout] = {cls: layout for layout in FAMILIES.values() for cls in layout.classes}
+
 # Families that are decoders but that SAT refuses, with the reason.
 REFUSED: dict[str, str] = {
     "ministral3": "its attention scales q by a position-dependent factor after RoPE (llama-4 scaling), which satlm's "

@@ -2,9 +2,16 @@
 
     gated:      Y = (act(X Wg_k^T) * X Wu_k^T) Wd_k^T        non-gated:  Y = act(X Wfc_k^T) Wd_k^T
 
-With `forward: dense` the forward's output is the full MLP's and only the backward is over the kept channels.
-SiLU-gated MLPs run as one autograd function (core/ops.py swiglu_mlp) that saves x and the kept gate/up outputs
-only; other MLPs are a kept-rows projection, the activation with autograd, and a kept-columns projection.
+A sparse forward takes one of three paths, chosen once per forward (`_sparse`):
+- `_history`: the kept channels come from statistics of earlier steps; every projection runs over them only.
+- `_paper` (source: current): every channel computed without autograd to score them (and, with `forward: dense`,
+  for the output); the kept channels re-attached to the graph with a kept-only backward.
+- a recomputation (gradient checkpointing) of the thinned paper forward: the kept channels are known, so only they
+  are computed, as in history mode (the same tensors are saved as in the first pass).
+How the kept channels are computed is chosen once per forward too: SiLU-gated MLPs without LoRA run as one
+autograd function (core/ops.py swiglu_mlp) that saves x and the kept gate/up outputs only, channels first in
+paper mode (`_FusedSwiGLU`); every other MLP is a kept-rows projection, the activation with autograd and a
+kept-columns projection (`_Generic`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from ..core.importance import mlp_scores_rows
 from ..core.ops import swiglu_mlp
 from .base import _SATModule
 from .families import get_path
-from .proj import Proj, Rows, col_project
+from .proj import Proj, Rows, col_project, parts_key
 from .runtime import SATRuntime
 
 
@@ -31,9 +38,73 @@ def _select_last(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).index_select(1, idx).reshape(*t.shape[:-1], idx.shape[0])
 
 
-def _output_cols(down: Proj, idx: torch.Tensor, metric: str):
-    """The kept input columns of the down projection, for the `output` metric only (no autograd)."""
-    return down.weight.detach().index_select(1, idx) if metric == "output" else None
+class _Generic:
+    """Any MLP (gated or not, any activation, LoRA): a kept-rows projection, the activation, kept columns."""
+
+    def __init__(self, rows: Rows, down: Proj, act, gated: bool, x: torch.Tensor, training: bool, n_units: int):
+        self.rows, self.down, self.act, self.gated, self.x = rows, down, act, gated, x
+        self.masks = rows.masks(x, training)  # LoRA dropout, drawn as peft draws it: gate, up, then down
+        self.down_masks = down.masks((*x.shape[:-1], n_units), x, training)
+        rows.prepare(x, self.masks)
+
+    def kept(self, idx: torch.Tensor, taken=None, y_all=None):
+        """(output, kept activations) over the kept channels; taken: take()'s kept slices of the pass over every
+        channel, which are then the values (paper mode); y_all: the value over every channel (forward=dense)."""
+        n = 2 if self.gated else 1
+        parts = self.rows.kept(self.x, [idx] * n, taken, self.masks)
+        h = self.act(parts[0]) * parts[1] if self.gated else self.act(parts[0])
+        return col_project(h, self.down, idx, idx, 1, self.down_masks, out=y_all), h
+
+    def take(self, idx, g_all, u_all, h_all):
+        """The kept channels of the pass over every channel: [(B, T, k)] (g, and u when gated)."""
+        return [_select_last(t, idx) for t in (g_all, u_all)[:2 if self.gated else 1]]
+
+    def all_channels(self):
+        """(g, u) over every channel without autograd ((B, T, f); u None for a non-gated MLP)."""
+        out = self.rows.full(self.x, self.masks)
+        return (out[0], out[1]) if self.gated else (out[0], None)
+
+    def activations(self, g, u):
+        return self.act(g).mul_(u) if self.gated else self.act(g)
+
+    def scores(self, rt: SATRuntime, h, mask, metric: str, scratch: bool):
+        return rt.mlp_scores(h, mask, metric, self.down.weight, scratch=scratch)
+
+    def output_all(self, h):
+        y = h @ self.down.weight.t()
+        if self.down.bias is not None:
+            y += self.down.bias
+        if self.down.loras:
+            y += self.down.lora_once(h, self.down_masks)
+        return y
+
+
+class _FusedSwiGLU(_Generic):
+    """A SiLU-gated MLP without LoRA as one autograd function; paper mode computes its channels first, (f, N),
+    so that the kept channels are whole rows to copy."""
+
+    def kept(self, idx, taken=None, y_all=None):
+        weights, r, biases, _ = self.rows.spec([idx, idx])
+        return swiglu_mlp(self.x, idx, weights, r, biases, self.down, *(taken or (None, None, None)), y_all)
+
+    def take(self, idx, g_all, u_all, h_all):
+        """(g, u, h) of the kept channels: (N, k) views of (k, N) row copies (h None when not computed)."""
+        h_k = h_all.index_select(0, idx).t() if h_all is not None else None
+        return g_all.index_select(0, idx).t(), u_all.index_select(0, idx).t(), h_k
+
+    def all_channels(self):
+        return tuple(self.rows.full_t(self.x))  # (f, N) each
+
+    def scores(self, rt, h, mask, metric, scratch):
+        if mask is None and metric in ("l2", "output"):  # one read: a norm per row
+            return mlp_scores_rows(h, metric, self.down.weight)
+        return rt.mlp_scores(h.t().reshape(*self.x.shape[:-1], -1), mask, metric, self.down.weight)
+
+    def output_all(self, h):
+        y = torch.mm(h.t(), self.down.weight.t())
+        if self.down.bias is not None:
+            y += self.down.bias
+        return y
 
 
 class SATMLP(_SATModule):
@@ -44,15 +115,21 @@ class SATMLP(_SATModule):
         down = get_path(base_layer, lay.down)
         super().__init__(base_layer, runtime, layer_idx, down.in_features)
         self.where = f"layers[{layer_idx}].{lay.mlp}"
+        self._proj_names, self._gated = list(lay.mlp_projections()), lay.gated
+        self._parts_cache: tuple | None = None
 
-    # -- the layout's pieces, looked up in every sparse forward (a LoRA layer injected after SAT is caught) --
+    # -- the layout's pieces: built once, again only when a projection module changed (see attention.py) --
     def _parts(self) -> tuple[Rows, Proj, nn.Module]:
         lay, base, f = self.sat_runtime.layout, self.base_layer, self.sat_n_units
-        if lay.gated:
-            rows = Rows.of(base, [lay.gate, lay.up], lay.gate_up, [f, f], self.where)
-        else:
-            rows = Rows.of(base, [lay.fc], None, [f], self.where)
-        return rows, Proj(get_path(base, lay.down), f"{self.where}.{lay.down}"), getattr(base, lay.act)
+        key = parts_key(base, self._proj_names)
+        if self._parts_cache is None or self._parts_cache[0] != key:
+            if lay.gated:
+                rows = Rows.of(base, [lay.gate, lay.up], lay.gate_up, [f, f], self.where)
+            else:
+                rows = Rows.of(base, [lay.fc], None, [f], self.where)
+            down = Proj(get_path(base, lay.down), f"{self.where}.{lay.down}")
+            self._parts_cache = (key, rows, down)
+        return self._parts_cache[1], self._parts_cache[2], getattr(base, lay.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._kept_k()
@@ -64,92 +141,52 @@ class SATMLP(_SATModule):
             y = F.dropout(y, p=p, training=self.training)
         return y
 
-    def _sparse(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        rt, sel = self.sat_runtime, self.sat_selector
-        gated = rt.layout.gated
+    # -- the paths ------------------------------------------------------------------------------------------
+    def _compute(self, x: torch.Tensor) -> _Generic:
         rows, down, act = self._parts()
-        # One function for the whole SiLU-gated MLP; with LoRA the kept projections run one by one.
+        gated = self._gated
         fused = gated and _is_silu(act) and not rows.has_lora and not down.loras
-        masks = rows.masks(x, self.training)  # LoRA dropout, drawn as peft draws it: gate, up, then down
-        down_masks = down.masks((*x.shape[:-1], self.sat_n_units), x, self.training)
-        rows.prepare(x, masks)
-        metric, mask = rt.config.metric, rt.mask_for(x)
+        return (_FusedSwiGLU if fused else _Generic)(rows, down, act, gated, x, self.training, self.sat_n_units)
+
+    def _sparse(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """The path of this forward (module doc), chosen once."""
+        c, sel = self._compute(x), self.sat_selector
         if sel.use_history():
-            idx = sel.cached(k)
-            fresh = idx is None
-            if fresh:
-                idx = sel.choose_from_history(k, x.device)
-            y, h = self._kept(x, idx, rows, down, act, fused, masks, down_masks)
-            if fresh:
-                with torch.no_grad():
-                    sel.observe(idx, rt.mlp_scores(h.detach(), mask, metric, _output_cols(down, idx, metric)))
-            return y
+            return self._history(c, k)
         idx = sel.cached(k)
-        if idx is not None and not rt.dense_forward:
-            # A recomputation (gradient checkpointing) of the thinned forward: its kept channels are known, so
-            # only they are computed, as history mode does (the same tensors are saved as in the first pass).
-            return self._kept(x, idx, rows, down, act, fused, masks, down_masks)[0]
-        return self._paper(k, x, rows, down, act, fused, masks, down_masks)
+        if idx is not None and not self.sat_runtime.dense_forward:
+            return c.kept(idx)[0]
+        return self._paper(c, k, self.sat_runtime.dense_forward)
 
-    def _kept(self, x, idx, rows: Rows, down: Proj, act, fused: bool, masks, down_masks):
-        """(output, kept activations) over the kept channels idx only: every projection shrinks."""
-        if fused:
-            weights, r, biases, _ = rows.spec([idx, idx])
-            return swiglu_mlp(x, idx, weights, r, biases, down)
-        if self.sat_runtime.layout.gated:
-            g, u = rows.kept(x, [idx, idx], masks=masks)  # (B, T, k) each
-            h = act(g) * u
-        else:
-            h = act(rows.kept(x, [idx], masks=masks)[0])
-        return col_project(h, down, idx, idx, 1, down_masks), h
-
-    def _paper(self, k, x, rows: Rows, down: Proj, act, fused: bool, masks, down_masks) -> torch.Tensor:
-        """Paper mode: every channel computed without autograd to score them (and, forward=dense, for the output);
-        the kept channels re-attached to the graph with a kept-only backward."""
+    def _history(self, c: _Generic, k: int) -> torch.Tensor:
         rt, sel = self.sat_runtime, self.sat_selector
-        gated, dense_forward = rt.layout.gated, rt.dense_forward
-        metric, mask = rt.config.metric, rt.mask_for(x)
+        idx = sel.cached(k)
+        fresh = idx is None
+        if fresh:
+            idx = sel.choose_from_history(k, c.x.device)
+        y, h = c.kept(idx)
+        if fresh:
+            with torch.no_grad():
+                metric = rt.config.metric
+                cols = c.down.weight.detach().index_select(1, idx) if metric == "output" else None
+                sel.observe(idx, rt.mlp_scores(h.detach(), rt.mask_for(c.x), metric, cols))
+        return y
+
+    def _paper(self, c: _Generic, k: int, dense: bool) -> torch.Tensor:
+        rt, sel = self.sat_runtime, self.sat_selector
+        metric = rt.config.metric
         with torch.no_grad():
-            if fused:  # channels first, (f, N), so that the kept channels are whole rows to copy
-                g_all, u_all = rows.full_t(x)
-            elif gated:
-                g_all, u_all = rows.full(x, masks)  # (B, T, f): every channel, to score them
-            else:
-                g_all, u_all = rows.full(x, masks)[0], None
-            idx = sel.cached(k)
+            g_all, u_all = c.all_channels()
+            idx = sel.cached(k)  # a recomputation of the dense forward keeps its channels
             h_all = None
-            if dense_forward or (idx is None and metric != "random"):
-                h_all = act(g_all).mul_(u_all) if gated else act(g_all)
+            if dense or (idx is None and metric != "random"):
+                h_all = c.activations(g_all, u_all)
             if idx is None:
                 scores = None
                 if metric != "random":
-                    if fused and mask is None and metric in ("l2", "output"):  # one read: a norm per row
-                        scores = mlp_scores_rows(h_all, metric, down.weight)
-                    elif fused:  # scored from a (B, T, f) view; the kept rows are handed to the MLP below
-                        scores = rt.mlp_scores(h_all.t().reshape(*x.shape[:-1], -1), mask, metric, down.weight)
-                    else:
-                        scores = rt.mlp_scores(h_all, mask, metric, down.weight, scratch=not dense_forward)
-                idx = sel.choose(k, scores, x.device)
-            y_all = None
-            if dense_forward:  # the output over every channel: 2 N d f FLOPs
-                y_all = torch.mm(h_all.t(), down.weight.t()) if fused else h_all @ down.weight.t()
-                if down.bias is not None:
-                    y_all += down.bias
-                if down.loras:
-                    y_all += down.lora_once(h_all, down_masks)
-            if fused:  # (N, k) views of (k, N)
-                g_k, u_k = g_all.index_select(0, idx).t(), u_all.index_select(0, idx).t()
-                h_k = h_all.index_select(0, idx).t() if h_all is not None else None
-            else:
-                g_k = _select_last(g_all, idx)  # (B, T, k)
-                u_k = _select_last(u_all, idx) if gated else None
+                    scores = c.scores(rt, h_all, rt.mask_for(c.x), metric, scratch=not dense)
+                idx = sel.choose(k, scores, c.x.device)
+            y_all = c.output_all(h_all) if dense else None  # the output over every channel: 2 N d f FLOPs
+            taken = c.take(idx, g_all, u_all, h_all)
             del g_all, u_all, h_all
-        if fused:
-            weights, r, biases, _ = rows.spec([idx, idx])
-            return swiglu_mlp(x, idx, weights, r, biases, down, g_k, u_k, h_k, y_all)[0]
-        if gated:
-            g, u = rows.kept(x, [idx, idx], [g_k, u_k], masks)
-            h = act(g) * u
-        else:
-            h = act(rows.kept(x, [idx], [g_k], masks)[0])
-        return col_project(h, down, idx, idx, 1, down_masks, out=y_all)
+        return c.kept(idx, taken, y_all)[0]

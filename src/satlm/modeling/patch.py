@@ -85,29 +85,22 @@ def _dense_mlp(mlp: nn.Module | None, layout: Layout) -> bool:
     return mlp is not None and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in layout.mlp_projections())
 
 
-def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Module:
-    """Wrap the attention and MLP of each chosen decoder layer in place; return the model.
-
-    The original modules are kept as `base_layer` and swapped through their parent layer, so that `remove_sat`
-    puts the very same objects back. Raises UnsupportedModelError (nothing changed) for a model, module or
-    parameter SAT cannot train exactly, including when the self-check (modeling/selfcheck.py) finds that SAT's
-    path with every unit kept does not reproduce a module.
-    """
+def _as_config(config) -> SATConfig:
     if config is None:
         config = SATConfig()
     elif isinstance(config, dict):
         config = SATConfig.from_dict(config)
     elif not isinstance(config, SATConfig):
         raise TypeError(f"apply_sat expects a SATConfig or dict, got {type(config).__name__}")
-    config.validate()
-    outer, model = model, _unwrap(model)  # a PeftModel: the HF model inside, with its LoRA layers
-    if getattr(model, "sat_runtime", None) is not None:
-        raise ValueError("SAT is already applied to this model; call satlm.remove_sat(model) first")
-    layout = layout_for(model)
+    return config.validate()
+
+
+def _plan(model: nn.Module, layout: Layout, config: SATConfig) -> list[tuple]:
+    """(index, layer, attention or None, MLP or None) of every chosen layer, each module checked (nothing is
+    changed yet)."""
     layers = decoder_layers(model, layout)
-    chosen = _resolve_layers(config, len(layers))
     plan = []
-    for i in chosen:
+    for i in _resolve_layers(config, len(layers)):
         layer = layers[i]
         attn = _checked(getattr(layer, layout.attn, None), layout.attn_projections(), layout.known_attn_children(),
                         f"layers[{i}].{layout.attn}", layout)
@@ -122,21 +115,15 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
                 raise UnsupportedModelError(f"layers[{i}].{layout.attn}: {heads} query heads do not split into {kv} "
                                             "KV groups")
         plan.append((i, layer, attn, mlp))
+    return plan
 
-    runtime = SATRuntime(config, layout)
-    wrapped: list[_SATModule] = []
-    for i, layer, attn, mlp in plan:
-        if attn is not None:
-            setattr(layer, layout.attn, SATAttention(attn, runtime, i))
-            wrapped.append(getattr(layer, layout.attn))
-        if mlp is not None:
-            setattr(layer, layout.mlp, SATMLP(mlp, runtime, i))
-            wrapped.append(getattr(layer, layout.mlp))
 
+def _install_hooks(model: nn.Module, runtime: SATRuntime) -> None:
+    """The model's forward hooks: a training forward begins (token mask, selectors reset, noise drawn) and ends
+    (waiting for its backward). They run eagerly, outside any torch.compile region: they count forwards and draw
+    selection noise (a generator and a Python counter would break or re-specialize a compiled graph)."""
     owner = getattr(model, "base_model", model)
 
-    # The hooks run eagerly, outside any torch.compile region: they count forwards and draw selection noise
-    # (a generator and a Python counter would break or re-specialize a compiled graph).
     @torch.compiler.disable
     def _begin_forward(module, args, kwargs):
         if module.training:
@@ -165,10 +152,35 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
 
             logits.register_hook(_backward_started)
 
-    model.sat_runtime = runtime
     model.sat_hook = owner.register_forward_pre_hook(_begin_forward, with_kwargs=True)
     model.sat_end_hook = owner.register_forward_hook(_end_forward, with_kwargs=True)
-    model.sat_config = config
+
+
+def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Module:
+    """Wrap the attention and MLP of each chosen decoder layer in place; return the model.
+
+    The original modules are kept as `base_layer` and swapped through their parent layer, so that `remove_sat`
+    puts the very same objects back. Raises UnsupportedModelError (nothing changed) for a model, module or
+    parameter SAT cannot train exactly, including when the self-check (modeling/selfcheck.py) finds that SAT's
+    path with every unit kept does not reproduce a module.
+    """
+    config = _as_config(config)
+    outer, model = model, _unwrap(model)  # a PeftModel: the HF model inside, with its LoRA layers
+    if getattr(model, "sat_runtime", None) is not None:
+        raise ValueError("SAT is already applied to this model; call satlm.remove_sat(model) first")
+    layout = layout_for(model)
+    plan = _plan(model, layout, config)
+    runtime = SATRuntime(config, layout)
+    wrapped: list[_SATModule] = []
+    for i, layer, attn, mlp in plan:
+        if attn is not None:
+            setattr(layer, layout.attn, SATAttention(attn, runtime, i))
+            wrapped.append(getattr(layer, layout.attn))
+        if mlp is not None:
+            setattr(layer, layout.mlp, SATMLP(mlp, runtime, i))
+            wrapped.append(getattr(layer, layout.mlp))
+    model.sat_runtime = runtime
+    _install_hooks(model, runtime)
     try:
         self_check(model, wrapped, layout)
     except BaseException:

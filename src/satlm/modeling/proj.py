@@ -179,6 +179,23 @@ class Proj:
         return y if not self.loras else y + self.lora_once(x, masks)
 
 
+def parts_key(module: nn.Module, names: list[str]) -> tuple:
+    """What a module's built projections (Proj, Rows) depend on: which module object each name holds and, for a
+    peft LoRA layer, its adapters' state (active, merged, switched off). A wrapped module builds its parts when
+    this changes (at the first sparse forward, after a LoRA injection, inside peft's disable_adapter()), not at
+    every forward."""
+    key = []
+    for name in names:
+        m = get_path(module, name)
+        if hasattr(m, "lora_A"):
+            key.append((id(m), id(getattr(m, "base_layer", None)), bool(getattr(m, "merged", False)),
+                        bool(getattr(m, "disable_adapters", False)), tuple(m.active_adapters), tuple(m.lora_A.keys()),
+                        tuple(sorted(getattr(m, "scaling", {}).items()))))
+        else:
+            key.append((id(m),))
+    return tuple(key)
+
+
 def with_value(y: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
     """y whose value already includes `extra`, with extra's gradient added (straight-through value)."""
     return y if extra is None else y + (extra - extra.detach())

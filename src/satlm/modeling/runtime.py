@@ -15,7 +15,7 @@ class SATRuntime:
     """Config, layout, schedule position and what is known about the current training forward."""
 
     def __init__(self, config: SATConfig, layout: Layout):
-        self.config = config
+        self.config = config  # sets dense_forward too
         self.layout = layout
         self.enabled = True
         self.step = 0
@@ -36,8 +36,13 @@ class SATRuntime:
         self.keep_all = False
 
     @property
-    def adapter(self) -> Layout:  # the name before the layout table (kept for callers of 0.1)
-        return self.layout
+    def config(self) -> SATConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: SATConfig) -> None:
+        # The forward's reading, resolved once per config (the benchmark and the self-check swap configs).
+        self._config, self.dense_forward = config, config.effective_forward == "dense"
 
     def set_step(self, step: int, total_steps: int | None) -> None:
         self.step, self.total_steps = int(step), (int(total_steps) if total_steps else None)
@@ -71,10 +76,6 @@ class SATRuntime:
         if not (cache and cache[0] is attention_mask and cache[1] == (dtype, align)):
             self.mask_cache = cache = (attention_mask, (dtype, align), additive_mask(attention_mask, dtype, align))
         return cache[2]
-
-    @property
-    def dense_forward(self) -> bool:
-        return self.config.effective_forward == "dense"
 
     def mlp_scores(self, h, token_mask, metric, down_weight=None, scratch=False) -> torch.Tensor:
         """importance.mlp_scores, fused into one read of h where SATConfig.fused_scoring asks for it."""
