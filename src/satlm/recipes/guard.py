@@ -556,7 +556,9 @@ PROBE_NAME = ".satlm-write-test"
 
 
 def _write_probe(folder: Path) -> None:
-    probe = folder / PROBE_NAME
+    # One name per process: two runs started together on one folder probe it at the same moment, and one's
+    # unlink must not take the other's file (which read as "not writable").
+    probe = folder / f"{PROBE_NAME}.{os.getpid()}"
     with open(probe, "wb") as f:
         f.write(b"satlm")
         f.flush()
@@ -759,7 +761,8 @@ class RunDir:
     def _foreign(self) -> list[Path]:
         """What in the folder satlm did not write (the lock, its probe and sub-runs that are satlm's aside)."""
         return [p for p in sorted(self.path.iterdir())
-                if p.name not in (LOCK_NAME, PROBE_NAME) and not (p.name in self.parts and self._part_is_ours(p))]
+                if p.name != LOCK_NAME and not p.name.startswith(PROBE_NAME)
+                and not (p.name in self.parts and self._part_is_ours(p))]
 
     def look(self) -> dict | None:
         """The folder's owner (None: new or empty), or a RunConfigError saying why satlm may not write there."""
