@@ -176,3 +176,15 @@ def test_evaluate_examples_sums_to_the_token_weighted_loss(tiny_model_dir, tiny_
     assert len(sums) == len(data.eval) and sum(counts) == ref["tokens"]
     assert sum(sums) / sum(counts) == pytest.approx(ref["loss"], rel=1e-6)
     assert len(set(counts)) > 1  # sft examples differ in length: per-example counts, not a fixed block
+
+
+def test_seeds_flag_of_compare():
+    from satlm.run_config import parse_run_args
+
+    cfg = parse_run_args("compare", ["--seeds", "0,1", "max_steps=2"], config_required=False)
+    assert cfg.seeds == [0, 1]
+    assert parse_run_args("compare", ["max_steps=2"], config_required=False).seeds is None
+    with pytest.raises(SystemExit):
+        parse_run_args("compare", ["--seeds", "a"], config_required=False)
+    with pytest.raises(SystemExit):  # train has no --seeds
+        parse_run_args("train", ["demo-cpt", "--seeds", "0,1"], config_required=True)

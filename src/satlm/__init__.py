@@ -12,8 +12,10 @@ from .modeling.patch import (
     remove_sat,
     sat_state,
     sat_state_dict,
+    set_sat_lr_profile,
     set_sat_step,
 )
+from .modeling.sensitivity import measure_layer_rates
 
 __version__ = "0.1.0"
 
@@ -29,9 +31,11 @@ __all__ = [
     "apply_sat",
     "disable_sat",
     "load_sat_state_dict",
+    "measure_layer_rates",
     "remove_sat",
     "sat_state",
     "sat_state_dict",
+    "set_sat_lr_profile",
     "set_sat_step",
 ]
 

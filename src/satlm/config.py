@@ -18,6 +18,8 @@ SCHEDULES = ("ladder", "constant", "linear", "steps")
 ATTN_UNITS = ("head", "kv_group")
 FUSED_SCORING = ("auto", "on", "off")
 FORWARDS = ("auto", "dense", "sparse")
+RUNG_PLACEMENTS = ("steps", "lr")
+OMITTED_UPDATES = ("zero", "skip")
 
 
 def resolve_forward(forward: str, source: str) -> str:
@@ -85,6 +87,13 @@ class SATConfig:
     """ladder: number of equal stages before the dense tail, at r, r(m-1)/m, ..., r/m."""
     dense_tail: float = 0.1
     """ladder: fraction of training at the end that runs dense."""
+    dense_start: float = 0.0
+    """Fraction of training at the start that runs dense, before the schedule's first rate (any schedule; SparseLoRA
+    trains its first 5% dense)."""
+    rung_placement: str = "steps"
+    """ladder: where the rungs' boundaries fall. steps: equal numbers of steps; lr: equal shares of the summed
+    learning rate (the LR of every step comes from the Trainer's LR scheduler through SATCallback, or from
+    set_sat_lr_profile), so that under a decaying LR no rung carries most of the updates."""
     steps: list[list[float]] | None = None
     """steps: [[until_fraction, rate], ...] with increasing fractions; rates absolute (for omission_rate,
     per-component rates scale by the same ratio); after the last stair the rate is 0."""
@@ -92,6 +101,27 @@ class SATConfig:
     """head: a query head is a unit; kv_group: a KV head and the query heads sharing it."""
     layers: list[int] | None = None
     """Decoder layer indices that take part (negative indices count from the end); None = all."""
+    layer_rates: list[float] | str | None = None
+    """Per-layer factors on the omission rates (and on layer_drop_rate): layer i omits rate x layer_rates[i]; one
+    entry per decoder layer of the model; a mean of 1 over the layers SAT applies to keeps the FLOPs of the uniform
+    setting. auto: measured at the start of training (SATCallback, or measure_layer_rates): each layer's loss
+    increase with its lowest-importance units omitted on the first batches, turned into factors of mean 1 that
+    omit less where the damage is larger (docs/method.md). None: 1 everywhere."""
+    layer_drop_rate: float = 0.0
+    """Whole-layer backward skipping (DropBP): the expected fraction of the applied layers whose backward is skipped
+    in each training forward, drawn per forward (scaled per layer by layer_rates and by the schedule): a skipped
+    layer's forward is unchanged, its parameters get no gradient and the input gradient passes through its residual
+    connections only."""
+    loss_tokens_dense: bool = False
+    """MLP channels are omitted only in the rows of tokens that carry no loss (prompt, template, padding: label
+    -100 at the next position); the rows of tokens that carry loss run over every channel in the backward, and with
+    forward=sparse in the forward too (SparseLoRA's output-token split; for SFT). Heads are then kept
+    (attn_omission_rate must be 0)."""
+    omitted_update: str = "zero"
+    """What the optimizer does with a unit that was omitted in every micro-batch of a step. zero: its gradient is
+    zero and the optimizer applies its usual update (AdamW's moments decay, momentum still moves the weights, weight
+    decay applies). skip: the unit's weights and optimizer state stay as they were for that step, as lazy Adam does
+    (SATCallback restores them after the optimizer step)."""
     seed: int = 0
     """Seed of the selection generators (same seed, same selections)."""
     history_decay: float = 0.9
@@ -128,6 +158,12 @@ class SATConfig:
         if isinstance(self.rungs, bool) or not isinstance(self.rungs, int) or self.rungs < 1:
             raise SATConfigError(f"SATConfig.rungs={self.rungs!r} must be an integer >= 1")
         _rate("dense_tail", self.dense_tail)
+        _rate("dense_start", self.dense_start)
+        if self.schedule == "ladder" and self.dense_start + self.dense_tail >= 1.0:
+            raise SATConfigError(f"SATConfig.dense_start={self.dense_start!r} + dense_tail={self.dense_tail!r} leave "
+                                 "the ladder no step; their sum must be below 1")
+        _choice("rung_placement", self.rung_placement, RUNG_PLACEMENTS)
+        self._validate_levers()
         if self.schedule == "steps":
             self._validate_steps()
         elif self.steps is not None:
@@ -141,6 +177,26 @@ class SATConfig:
         if not _is_number(self.history_exploration) or self.history_exploration < 0:
             raise SATConfigError(f"SATConfig.history_exploration={self.history_exploration!r} must be a number >= 0")
         return self
+
+    def _validate_levers(self) -> None:
+        rates = self.layer_rates
+        if isinstance(rates, str):
+            if rates != "auto":
+                raise SATConfigError(f"SATConfig.layer_rates={rates!r} must be a list of per-layer factors, 'auto' "
+                                     "or null")
+        elif rates is not None:
+            if not isinstance(rates, (list, tuple)) or not rates or not all(_is_number(v) and v >= 0 for v in rates):
+                raise SATConfigError(f"SATConfig.layer_rates={rates!r} must be a non-empty list of numbers >= 0 (one "
+                                     "factor per decoder layer), 'auto' or null")
+            self.layer_rates = [float(v) for v in rates]
+        _rate("layer_drop_rate", self.layer_drop_rate)
+        if not isinstance(self.loss_tokens_dense, bool):
+            raise SATConfigError(f"SATConfig.loss_tokens_dense={self.loss_tokens_dense!r} must be true or false")
+        if self.loss_tokens_dense and self.max_attn_rate > 0:
+            raise SATConfigError(f"SATConfig.loss_tokens_dense=True omits MLP channels only, but the attention rate is "
+                                 f"{self.max_attn_rate:g}: set attn_omission_rate=0 (attention mixes the rows, so a "
+                                 "head cannot be kept for some rows and omitted for others exactly and cheaply)")
+        _choice("omitted_update", self.omitted_update, OMITTED_UPDATES)
 
     def _validate_layers(self) -> None:
         """Types, emptiness and repeats here; whether each index exists is checked against the model in apply_sat."""
@@ -220,4 +276,4 @@ class SATConfig:
 
 
 __all__ = ["SATConfig", "SATConfigError", "closest_key", "METRICS", "SELECTIONS", "SOURCES", "SCHEDULES", "ATTN_UNITS",
-           "FORWARDS"]
+           "FORWARDS", "RUNG_PLACEMENTS", "OMITTED_UPDATES"]

@@ -104,5 +104,16 @@ def reduce_scores(scores: torch.Tensor, metric: str = "l2") -> torch.Tensor:
     return total / dist.get_world_size()
 
 
-__all__ = ["barrier", "broadcast_object", "is_main_process", "main_process_first", "on_main_process", "rank",
+def all_mean(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of a small tensor over ranks (as is in one process)."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
+    total = values.to(device).contiguous()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return (total / dist.get_world_size()).to(values.device)
+
+
+__all__ = ["all_mean", "barrier", "broadcast_object", "is_main_process", "main_process_first", "on_main_process", "rank",
            "reduce_scores", "world_size"]

@@ -621,6 +621,10 @@ def parse_run_args(command: str, argv: Sequence[str] | None, config_required: bo
                         + ("" if config_required else f"; default config: {DEFAULT_COMPARE_CONFIG}"))
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (resume=true)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if command == "compare":
+        parser.add_argument("--seeds", default=None, metavar="S,S,...",
+                            help="run both sides once per seed and report the mean paired delta (seeds=[...]), "
+                            "e.g. --seeds 0,1")
     args = parser.parse_intermixed_args(list(argv or []))  # the flags anywhere: `CONFIG --resume key=value`
     config, overrides = None, []
     for item in args.items:
@@ -636,6 +640,11 @@ def parse_run_args(command: str, argv: Sequence[str] | None, config_required: bo
         config = DEFAULT_COMPARE_CONFIG
     if args.resume:
         overrides.append("resume=true")
+    if getattr(args, "seeds", None) is not None:
+        parts = [p.strip() for p in args.seeds.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() for p in parts):
+            parser.error(f"--seeds {args.seeds!r}: give seeds as integers separated by commas, e.g. --seeds 0,1")
+        overrides.append(f"seeds=[{','.join(parts)}]")
     cfg = load_run_config(config, overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")

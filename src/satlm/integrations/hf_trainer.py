@@ -19,11 +19,61 @@ import warnings
 import torch
 from transformers import TrainerCallback
 
-from ..config import SATConfig
-from ..modeling.patch import _unwrap, apply_sat, load_sat_state_dict, sat_state_dict, set_sat_step
+from ..config import SATConfig, SATConfigError
+from ..modeling.patch import _unwrap, apply_sat, load_sat_state_dict, sat_state_dict, set_sat_lr_profile, set_sat_step
+from ..modeling.omitted import OmittedUpdate
+from ..schedules import needs_lr_profile
 
 SAT_STATE_NAME = "sat_state.pt"
 CHECKPOINT_PREFIX = "checkpoint-"  # transformers' PREFIX_CHECKPOINT_DIR and its dash: checkpoint-<step>
+
+
+def lr_profile_of(lr_scheduler, steps: int) -> list[float] | None:
+    """The learning rate of each of `steps` optimizer steps under a LambdaLR scheduler (every transformers schedule
+    is one), read from its multipliers without stepping it; None for other schedulers."""
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    base = getattr(lr_scheduler, "base_lrs", None)
+    if not lambdas or not base:
+        return None
+    return [float(base[0]) * float(lambdas[0](t)) for t in range(steps)]
+
+
+def first_batches(dataloader, n: int, device) -> list[dict]:
+    """The first n batches of the training data in the dataset's own order (its first rows, collated as the
+    loader collates them), on `device`: reading them draws no random number, so the run's data order and every
+    other random stream stay as they would be."""
+    dataset, collate = dataloader.dataset, dataloader.collate_fn
+    size = getattr(dataloader, "batch_size", None) or getattr(dataloader, "total_batch_size", None) or 1
+    batches = []
+    for b in range(n):
+        rows = [dataset[i] for i in range(b * size, min(len(dataset), (b + 1) * size))]
+        if not rows:
+            break
+        batch = collate(rows)
+        batches.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    return batches
+
+
+def prepare_sat_training(model, total_steps: int, lr_scheduler=None, train_dataloader=None) -> None:
+    """What a SAT schedule needs before its first step: the LR of every step (rung_placement: lr) and, with
+    layer_rates: auto, the per-layer factors measured on the first batches (unless restored from a checkpoint)."""
+    from ..modeling.sensitivity import BATCHES, measure_layer_rates
+
+    rt = model.sat_runtime
+    if needs_lr_profile(rt.config) and rt.lr_profile is None:
+        profile = lr_profile_of(lr_scheduler, total_steps) if lr_scheduler is not None else None
+        if profile is None:
+            raise SATConfigError("SATConfig.rung_placement='lr' needs the learning rate of every step: the Trainer's "
+                                 f"scheduler ({type(lr_scheduler).__name__}) is not a LambdaLR; call "
+                                 "satlm.set_sat_lr_profile(model, lrs) or use rung_placement='steps'")
+        set_sat_lr_profile(model, profile)
+    if rt.config.layer_rates == "auto" and rt.sensitivity is None:
+        if train_dataloader is None:
+            raise SATConfigError("SATConfig.layer_rates='auto' measures each layer on the first training batches, "
+                                 "but the Trainer passed no train_dataloader to the callback; measure them with "
+                                 "satlm.measure_layer_rates(model, batches) before training")
+        device = next(model.parameters()).device
+        measure_layer_rates(model, first_batches(train_dataloader, BATCHES, device))
 
 
 class SATCallback(TrainerCallback):
@@ -40,6 +90,7 @@ class SATCallback(TrainerCallback):
         self.config = config
         self.resume_from_checkpoint = resume_from_checkpoint
         self.rates: tuple[float, float] | None = None  # (attention, MLP) of the latest step
+        self.omitted = OmittedUpdate()  # omitted_update: skip
 
     @staticmethod
     def _model(model):
@@ -63,11 +114,26 @@ class SATCallback(TrainerCallback):
             else:
                 warnings.warn(f"resuming at step {state.global_step} without {path}: the SAT schedule continues "
                               "from that step, but unit selection restarts from its seed", stacklevel=2)
+        prepare_sat_training(model, state.max_steps, kwargs.get("lr_scheduler"), kwargs.get("train_dataloader"))
         self.rates = set_sat_step(model, state.global_step, state.max_steps)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         # Called once per optimizer step (before its first micro-batch); global_step counts finished steps.
-        self.rates = set_sat_step(self._model(model), state.global_step, state.max_steps)
+        model = self._model(model)
+        self.rates = set_sat_step(model, state.global_step, state.max_steps)
+        if model.sat_runtime.config.omitted_update == "skip":
+            self.omitted.begin_step(model.sat_runtime.modules)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        model = self._model(model)
+        if model.sat_runtime.config.omitted_update == "skip":
+            if optimizer is None:
+                raise SATConfigError("SATConfig.omitted_update='skip' needs the optimizer, which the Trainer did not "
+                                     "pass to the callback")
+            self.omitted.save(model.sat_runtime.modules, optimizer)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.omitted.restore()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or self.rates is None:

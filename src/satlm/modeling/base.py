@@ -12,6 +12,8 @@ from ..schedules import kept_count
 from .runtime import SATRuntime
 from .selector import UnitSelector
 
+MAX_RATE = 0.99  # a layer factor never makes a module omit more than this (at least one unit is kept anyway)
+
 
 class _SATModule(nn.Module):
     component = ""  # "attn" or "mlp"
@@ -60,8 +62,10 @@ class _SATModule(nn.Module):
         return next(self.base_layer.parameters()).device
 
     def _rate(self) -> float:
+        """The scheduled rate of this module's component, times its layer's factor (layer_rates)."""
         rt = self.sat_runtime
-        return rt.attn_rate if self.component == "attn" else rt.mlp_rate
+        rate = rt.attn_rate if self.component == "attn" else rt.mlp_rate
+        return min(rate * rt.layer_factor(self.sat_layer_idx), MAX_RATE)
 
     def update_kept_count(self) -> None:
         """The kept count at the runtime's current rate (SATRuntime.set_step calls this when the rates move). An int
@@ -76,6 +80,9 @@ class _SATModule(nn.Module):
             return None
         if rt.keep_all:  # the self-check: the sparse path with every unit kept
             return self.sat_n_units
+        if self.sat_layer_idx in rt.dropped:  # layer_drop_rate: the layer's backward is skipped (patch.py)
+            self.sat_selector.forget_last(dropped=True)
+            return None
         k = self.sat_kept
         if k >= self.sat_n_units:
             self.sat_selector.forget_last()

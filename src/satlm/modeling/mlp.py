@@ -41,8 +41,10 @@ def _select_last(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class _Generic:
     """Any MLP (gated or not, any activation, LoRA): a kept-rows projection, the activation, kept columns."""
 
-    def __init__(self, rows: Rows, down: Proj, act, gated: bool, x: torch.Tensor, training: bool, n_units: int):
+    def __init__(self, rows: Rows, down: Proj, act, gated: bool, x: torch.Tensor, training: bool, n_units: int,
+                 token_mask: torch.Tensor | None):
         self.rows, self.down, self.act, self.gated, self.x = rows, down, act, gated, x
+        self.token_mask = token_mask  # (B, T) of x's rows, 1 = a real token (for the scores), or None
         self.masks = rows.masks(x, training)  # LoRA dropout, drawn as peft draws it: gate, up, then down
         self.down_masks = down.masks((*x.shape[:-1], n_units), x, training)
         rows.prepare(x, self.masks)
@@ -142,15 +144,37 @@ class SATMLP(_SATModule):
         return y
 
     # -- the paths ------------------------------------------------------------------------------------------
-    def _compute(self, x: torch.Tensor) -> _Generic:
+    def _compute(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> _Generic:
         rows, down, act = self._parts()
         gated = self._gated
         fused = gated and _is_silu(act) and not rows.has_lora and not down.loras
-        return (_FusedSwiGLU if fused else _Generic)(rows, down, act, gated, x, self.training, self.sat_n_units)
+        return (_FusedSwiGLU if fused else _Generic)(rows, down, act, gated, x, self.training, self.sat_n_units,
+                                                     token_mask)
 
     def _sparse(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        split = self.sat_runtime.loss_rows_for(x)
+        if split is not None:
+            return self._loss_rows_dense(k, x, *split)
+        return self._path(k, x, self.sat_runtime.mask_for(x))
+
+    def _loss_rows_dense(self, k: int, x: torch.Tensor, loss_rows: torch.Tensor, other_rows: torch.Tensor):
+        """loss_tokens_dense: the rows of tokens that carry loss run the base MLP over every channel (forward and
+        backward); the other rows take this forward's path over the kept channels (scored on them alone)."""
+        if other_rows.numel() == 0:
+            return self.base_layer(x)
+        if loss_rows.numel() == 0:
+            return self._path(k, x, self.sat_runtime.mask_for(x))
+        flat = x.reshape(-1, x.shape[-1])  # (N, d)
+        mask = self.sat_runtime.mask_for(x)
+        mask = mask.reshape(-1).index_select(0, other_rows)[None] if mask is not None else None
+        y_other = self._path(k, flat.index_select(0, other_rows)[None], mask)[0]  # (N_other, d)
+        y_loss = self.base_layer(flat.index_select(0, loss_rows))  # (N_loss, d)
+        y = torch.zeros((flat.shape[0], y_other.shape[-1]), dtype=y_other.dtype, device=y_other.device)
+        return y.index_copy(0, other_rows, y_other).index_copy(0, loss_rows, y_loss).view(*x.shape[:-1], -1)
+
+    def _path(self, k: int, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """The path of this forward (module doc), chosen once."""
-        c, sel = self._compute(x), self.sat_selector
+        c, sel = self._compute(x, token_mask), self.sat_selector
         if sel.use_history():
             return self._history(c, k)
         idx = sel.cached(k)
@@ -169,7 +193,7 @@ class SATMLP(_SATModule):
             with torch.no_grad():
                 metric = rt.config.metric
                 cols = c.down.weight.detach().index_select(1, idx) if metric == "output" else None
-                sel.observe(idx, rt.mlp_scores(h.detach(), rt.mask_for(c.x), metric, cols))
+                sel.observe(idx, rt.mlp_scores(h.detach(), c.token_mask, metric, cols))
         return y
 
     def _paper(self, c: _Generic, k: int, dense: bool) -> torch.Tensor:
@@ -184,7 +208,7 @@ class SATMLP(_SATModule):
             if idx is None:
                 scores = None
                 if metric != "random":
-                    scores = c.scores(rt, h_all, rt.mask_for(c.x), metric, scratch=not dense)
+                    scores = c.scores(rt, h_all, c.token_mask, metric, scratch=not dense)
                 idx = sel.choose(k, scores, c.x.device)
             y_all = c.output_all(h_all) if dense else None  # the output over every channel: 2 N d f FLOPs
             taken = c.take(idx, g_all, u_all, h_all)

@@ -14,6 +14,7 @@ from .attention import SATAttention
 from .base import _SATModule
 from .families import Layout, UnsupportedModelError, decoder_layers, get_path, layout_for
 from .mlp import SATMLP
+from .omitted import check_skip_supported
 from .proj import Proj
 from .runtime import SATRuntime
 from .selfcheck import check_structure, self_check
@@ -118,6 +119,66 @@ def _plan(model: nn.Module, layout: Layout, config: SATConfig) -> list[tuple]:
     return plan
 
 
+def _set_layer_factors(runtime: SATRuntime, config: SATConfig, n_layers: int, chosen: list[int]) -> None:
+    """layer_rates given as a list: one factor per decoder layer, each leaving a rate below 1."""
+    factors = config.layer_rates
+    if factors is None or factors == "auto":
+        return
+    if len(factors) != n_layers:
+        raise SATConfigError(f"SATConfig.layer_rates has {len(factors)} factors; the model has {n_layers} decoder "
+                             "layers: give one factor per layer (the layers SAT skips are ignored)")
+    top = max(config.max_attn_rate, config.max_mlp_rate, config.layer_drop_rate)
+    for i in chosen:
+        if top * factors[i] >= 1.0:
+            raise SATConfigError(f"SATConfig.layer_rates[{i}]={factors[i]:g} times the rate {top:g} omits every unit "
+                                 f"of layer {i}; each factor must keep rate x factor below 1")
+    runtime.layer_factors = {i: factors[i] for i in chosen}
+
+
+def _skippable_forward(layer: nn.Module, forward, runtime: SATRuntime, index: int):
+    """The decoder layer's forward with whole-layer backward skipping (layer_drop_rate): in a forward that drew
+    this layer, its output is computed without autograd and its gradient passes to the input unchanged
+    (y + (x - x.detach()): the value is y exactly, the input gradient the residual stream's)."""
+
+    def skippable(*args, **kwargs):
+        if not (index in runtime.dropped and layer.training and runtime.enabled and torch.is_grad_enabled()):
+            return forward(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            raise SATConfigError("SATConfig.layer_drop_rate with torch.compile: the skipped layers change every "
+                                 "forward, so the graph would recompile; set layer_drop_rate=0 to compile")
+        x = args[0] if args else kwargs["hidden_states"]
+        with torch.no_grad():
+            out = forward(*args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        y = y + (x - x.detach())
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    skippable.sat_original = forward
+    return skippable
+
+
+def _install_layer_drop(runtime: SATRuntime, plan: list[tuple]) -> None:
+    if not runtime.config.layer_drop_rate:
+        return
+    for i, layer, _, _ in plan:
+        layer.forward = _skippable_forward(layer, layer.forward, runtime, i)  # an instance attribute: remove_sat
+    runtime.drop_layers = [i for i, *_ in plan]
+
+
+def _install_label_hook(model: nn.Module, runtime: SATRuntime) -> None:
+    """loss_tokens_dense: the outer model's forward gets the labels (the inner model, whose pre-hook begins the
+    forward, does not): keep them for begin_forward."""
+    if not runtime.config.loss_tokens_dense:
+        return
+
+    @torch.compiler.disable
+    def _labels(module, args, kwargs):
+        if module.training:
+            runtime.pending_labels = kwargs.get("labels")
+
+    model.sat_label_hook = model.register_forward_pre_hook(_labels, with_kwargs=True)
+
+
 def _install_hooks(model: nn.Module, runtime: SATRuntime) -> None:
     """The model's forward hooks: a training forward begins (token mask, selectors reset, noise drawn) and ends
     (waiting for its backward). They run eagerly, outside any torch.compile region: they count forwards and draw
@@ -171,6 +232,7 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
     layout = layout_for(model)
     plan = _plan(model, layout, config)
     runtime = SATRuntime(config, layout)
+    _set_layer_factors(runtime, config, len(decoder_layers(model, layout)), [p[0] for p in plan])
     wrapped: list[_SATModule] = []
     for i, layer, attn, mlp in plan:
         if attn is not None:
@@ -181,7 +243,11 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
             wrapped.append(getattr(layer, layout.mlp))
     model.sat_runtime = runtime
     _install_hooks(model, runtime)
+    _install_label_hook(model, runtime)
+    _install_layer_drop(runtime, plan)
     try:
+        if config.omitted_update == "skip":
+            check_skip_supported(wrapped)
         self_check(model, wrapped, layout)
     except BaseException:
         remove_sat(model)
@@ -199,8 +265,14 @@ def remove_sat(model: nn.Module) -> nn.Module:
             wrapped = getattr(layer, name, None)
             if isinstance(wrapped, _SATModule):
                 setattr(layer, name, wrapped.base_layer)
+    for layer in decoder_layers(model, rt.layout):
+        forward = vars(layer).get("forward")
+        if forward is not None and hasattr(forward, "sat_original"):
+            del layer.forward  # the class's forward again
     model.sat_hook.remove()
     model.sat_end_hook.remove()
+    if getattr(model, "sat_label_hook", None) is not None:
+        model.sat_label_hook.remove()
     for attr in [a for a in vars(model) if a.startswith("sat_")]:
         delattr(model, attr)
     return model
@@ -237,6 +309,14 @@ def set_sat_step(model: nn.Module, step: int, total_steps: int | None = None) ->
     return rt.attn_rate, rt.mlp_rate
 
 
+def set_sat_lr_profile(model: nn.Module, lrs) -> None:
+    """The learning rate of every optimizer step (rung_placement: lr places the ladder's rungs by it). SATCallback
+    sets it from the Trainer's LR scheduler; a plain training loop sets it once, before the first step."""
+    rt = _runtime(model)
+    rt.lr_profile = [float(v) for v in lrs]
+    rt.set_step(rt.step, rt.total_steps)
+
+
 def sat_state(model: nn.Module) -> dict[str, Any]:
     """Schedule position and, per wrapped layer, the rate, kept count and kept indices of the last step.
 
@@ -271,11 +351,20 @@ def sat_state_dict(model: nn.Module) -> dict[str, Any]:
     rt = _runtime(model)
     modules = {f"{m.sat_layer_idx}.{m.component}": m.sat_selector.state_dict() for m in _sat_modules(model)}
     return {"step": rt.step, "total_steps": rt.total_steps, "forward_id": rt.forward_id,
-            "config": rt.config.to_dict(), "modules": modules}
+            "config": rt.config.to_dict(), "modules": modules, "lr_profile": rt.lr_profile,
+            "layer_factors": {str(i): f for i, f in rt.layer_factors.items()}, "sensitivity": rt.sensitivity,
+            "drop_generator": rt.drop_generator.get_state()}
 
 
 def load_sat_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
     rt = _runtime(model)
+    if state.get("lr_profile") is not None:
+        rt.lr_profile = list(state["lr_profile"])
+    if state.get("layer_factors"):
+        rt.layer_factors = {int(i): float(f) for i, f in state["layer_factors"].items()}
+        rt.sensitivity = state.get("sensitivity")
+    if state.get("drop_generator") is not None:
+        rt.drop_generator.set_state(state["drop_generator"])
     rt.set_step(state["step"], state["total_steps"])
     rt.forward_id = state.get("forward_id", rt.forward_id)
     for m in _sat_modules(model):

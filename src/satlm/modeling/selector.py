@@ -31,6 +31,10 @@ class UnitSelector:
         self.age: torch.Tensor | None = None  # steps since each unit was last observed
         self.last_kept: torch.Tensor | None = None
         self.last_scores: torch.Tensor | None = None
+        # omitted_update: skip: which units this optimizer step kept in any of its forwards ((n,) bool, on the
+        # device; None: none chosen yet), or all of them (a forward ran the module dense).
+        self.step_kept: torch.Tensor | None = None
+        self.step_all_kept = False
 
     def generator(self, device: torch.device) -> torch.Generator:
         if self.generator_ is None or self.generator_.device.type != torch.device(device).type:
@@ -82,6 +86,9 @@ class UnitSelector:
         noise = self._draw(device) if cfg.selection != "topk" and k < self.n_units else None
         idx = select_units(scores, k, cfg.selection, noise)
         self._cache = (k, idx)
+        if cfg.omitted_update == "skip":
+            mask = torch.zeros(self.n_units, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
+            self.step_kept = mask if self.step_kept is None else self.step_kept.to(mask.device) | mask
         self.last_kept, self.last_scores = idx, scores.detach()
         if cfg.source == "history" and self.history is None:
             # The first sparse forward in history mode observes every unit (current path) to seed the statistics.
@@ -106,8 +113,24 @@ class UnitSelector:
         self.history.index_copy_(0, idx, cfg.history_decay * old + (1.0 - cfg.history_decay) * observed)
         self.age.add_(1.0).index_fill_(0, idx, 0.0)
 
-    def forget_last(self) -> None:
-        self.last_kept = None  # this forward runs dense: every unit is kept
+    def forget_last(self, dropped: bool = False) -> None:
+        """This forward runs the module's base layer: every unit kept, or (dropped: layer_drop_rate skipped the
+        layer's backward) none trained."""
+        self.last_kept = None
+        if not dropped:
+            self.step_all_kept = True
+        elif self.step_kept is None:
+            self.step_kept = torch.zeros(self.n_units, dtype=torch.bool)
+
+    def begin_step(self) -> None:
+        """A new optimizer step (omitted_update: skip): no unit kept yet."""
+        self.step_kept, self.step_all_kept = None, False
+
+    def step_omitted(self) -> torch.Tensor | None:
+        """Indices of the units no forward of this step kept, or None when every unit was kept (or none ran)."""
+        if self.step_all_kept or self.step_kept is None:
+            return None
+        return (~self.step_kept).nonzero().squeeze(1)
 
     # -- resume --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

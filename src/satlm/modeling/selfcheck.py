@@ -170,7 +170,10 @@ def _check_module(m: _SATModule, args, kwargs, runtime, config, tol: float, layo
             for source, forward in PATHS:
                 runtime.config = dataclasses.replace(config, source=source, forward=forward, metric="l2",
                                                      omission_rate=0.5, attn_omission_rate=None,
-                                                     mlp_omission_rate=None, schedule="constant", steps=None)
+                                                     mlp_omission_rate=None, schedule="constant", steps=None,
+                                                     dense_start=0.0, rung_placement="steps", layer_rates=None,
+                                                     layer_drop_rate=0.0, loss_tokens_dense=False,
+                                                     omitted_update="zero")
                 runtime.keep_all = True
                 runtime.begin_forward(None)  # every selector reset, no noise drawn
                 sel = m.sat_selector

@@ -35,8 +35,8 @@ from ..run_config import RunConfig
 from . import interleaved
 from .model_io import check_run_fits_model, check_supported, resolve_model_path
 from .plots import plot_compare
-from .quality import curve, over_seeds, paired_delta, quality_metrics, sat_time_axis, time_budget, within
-from .train import FINAL_DIR, SUMMARY_NAME, checkpoints, run_train
+from .quality import BUDGET_JSON, curve, over_seeds, paired_delta, quality_metrics, sat_time_axis, time_budget, within
+from .train import FINAL_DIR, SUMMARY_NAME, checkpoints, claim_output_dir, run_train
 
 COMPARE_JSON, COMPARE_PNG = "compare.json", "compare.png"
 MODES = ("dense", "sat")
@@ -133,10 +133,15 @@ def compare_seed(cfg: RunConfig, seed: int | None, measured: dict | None, callba
     """Train and compare both sides of one seed (module doc); the per-seed part of compare.json."""
     sub = seed_config(cfg, seed)
     base = Path(sub.output_dir)
-    summaries, plan = _train_pair(sub, measured, callbacks, quiet)
+    if seed is None:
+        summaries, plan = _train_pair(sub, measured, callbacks, quiet)
+    else:  # a seed's folder is satlm's too: marked, locked, holding its two runs and its budget plan
+        with claim_output_dir(base, "compare", writes=(BUDGET_JSON,), parts=MODES):
+            summaries, plan = _train_pair(sub, measured, callbacks, quiet)
     dense, sat = summaries["dense"], summaries["sat"]
     ratios = interleaved.ratios_of(measured) if measured else None
-    sat_seconds = sat_time_axis(sub, sat["steps"], dense, ratios) if ratios is not None else None
+    setup = float(measured.get("setup_dense_steps", 0.0)) if measured else 0.0
+    sat_seconds = sat_time_axis(sub, sat["steps"], dense, ratios, setup) if ratios is not None else None
     per_step = (dense.get("train_seconds") or 0.0) / max(1, dense["steps"])
     curves = {"dense": curve(base / "dense", (lambda step: per_step * step) if sat_seconds else None),
               "sat": curve(base / "sat", sat_seconds)}
@@ -205,18 +210,21 @@ def run_compare(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -
     model_path = resolve_model_path(cfg.model)
     check_run_fits_model(cfg, model_path)  # before the dense run, not after it
     check_supported(model_path)
-    measured = None
-    if cfg.interleaved_pairs:
-        measured = interleaved.measured_or_cached(cfg, cfg.max_steps, out, cfg.interleaved_pairs, quiet=quiet)
-    runs = [compare_seed(cfg, seed, measured, callbacks, quiet) for seed in (cfg.seeds or [None])]
-    result = _aggregate(cfg, runs, measured)
-    (out / COMPARE_JSON).write_text(json.dumps(result, indent=2) + "\n")
-    q = result["quality"]
-    plot_compare(result["curves"], out / COMPARE_PNG, target=q["target_eval_loss"],
-                 reached=q["sat_seconds_to_quality"], reached_tokens=q["sat_tokens_to_quality"],
-                 thinned=_thinned(cfg))
-    if not quiet:
-        print_table(result, out)
+    parts = MODES + tuple(f"seed-{s}" for s in (cfg.seeds or ()))
+    writes = (COMPARE_JSON, COMPARE_PNG, BUDGET_JSON, interleaved.INTERLEAVED_JSON)
+    with claim_output_dir(out, "compare", writes=writes, parts=parts):  # marked as satlm's and locked
+        measured = None
+        if cfg.interleaved_pairs:
+            measured = interleaved.measured_or_cached(cfg, cfg.max_steps, out, cfg.interleaved_pairs, quiet=quiet)
+        runs = [compare_seed(cfg, seed, measured, callbacks, quiet) for seed in (cfg.seeds or [None])]
+        result = _aggregate(cfg, runs, measured)
+        (out / COMPARE_JSON).write_text(json.dumps(result, indent=2) + "\n")
+        q = result["quality"]
+        plot_compare(result["curves"], out / COMPARE_PNG, target=q["target_eval_loss"],
+                     reached=q["sat_seconds_to_quality"], reached_tokens=q["sat_tokens_to_quality"],
+                     thinned=_thinned(cfg))
+        if not quiet:
+            print_table(result, out)
     return result
 
 

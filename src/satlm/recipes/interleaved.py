@@ -41,12 +41,26 @@ MOST_LEVELS = 6  # a schedule with more distinct levels (linear) is timed at thi
 
 
 # -- the schedule's levels and the time model ---------------------------------------------------------------
+def lr_profile(cfg: RunConfig, steps: int) -> list[float]:
+    """The learning rate of each step of a `steps`-step run of cfg, from the LR schedule the Trainer builds."""
+    from transformers import get_scheduler
+
+    from ..integrations.hf_trainer import lr_profile_of
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    warmup = cfg.warmup if cfg.warmup >= 1 else round(cfg.warmup * steps)
+    scheduler = get_scheduler(cfg.lr_scheduler, torch.optim.SGD([param], lr=cfg.lr), num_warmup_steps=int(warmup),
+                              num_training_steps=steps)
+    return lr_profile_of(scheduler, steps) or [cfg.lr] * steps
+
+
 def schedule_fractions(cfg: RunConfig, steps: int) -> list[float]:
     """The SAT schedule's level at each step 0..steps-1, as a fraction of the maximum rates (0: dense)."""
-    from ..schedules import schedule_fraction
+    from ..schedules import needs_lr_profile, schedule_fraction
 
     sat = cfg.sat.to_sat_config()
-    return [schedule_fraction(sat, t, steps) for t in range(steps)]
+    lrs = lr_profile(cfg, steps) if needs_lr_profile(sat) else None
+    return [schedule_fraction(sat, t, steps, lrs) for t in range(steps)]
 
 
 def probe_steps(fractions: list[float], most: int = MOST_LEVELS) -> dict[float, int]:
@@ -140,19 +154,36 @@ def _trainer(cfg: RunConfig, sat: bool, data, tokenizer, model_path: str, scratc
                       processing_class=tokenizer)
     trainer.create_optimizer_and_scheduler(num_training_steps=cfg.max_steps)
     trainer.current_gradient_accumulation_steps = cfg.grad_accum
+    if sat:  # as SATCallback does before the first step (the LR of every step; layer_rates: auto measured)
+        from ..integrations.hf_trainer import prepare_sat_training
+        from ..modeling.patch import _unwrap
+
+        prepare_sat_training(_unwrap(model), cfg.max_steps, trainer.lr_scheduler, trainer.get_train_dataloader())
     model.train()
     return trainer
 
 
 def _step(trainer, micro_batches, max_grad_norm: float) -> float:
-    """One optimizer step as the Trainer takes it; its wall time in seconds."""
+    """One optimizer step as the Trainer takes it (with SATCallback's work around it: omitted_update: skip);
+    its wall time in seconds."""
+    from ..modeling.omitted import OmittedUpdate
+    from ..modeling.patch import _unwrap
+
     model, opt = trainer.model, trainer.optimizer
+    runtime = getattr(_unwrap(model), "sat_runtime", None)
+    skip = OmittedUpdate() if runtime is not None and runtime.config.omitted_update == "skip" else None
     t0 = time.perf_counter()
+    if skip is not None:
+        skip.begin_step(runtime.modules)
     for b in micro_batches:
         trainer.training_step(model, b)
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if skip is not None:
+        skip.save(runtime.modules, opt)
     opt.step()
+    if skip is not None:
+        skip.restore()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 
@@ -181,6 +212,7 @@ def measure(cfg: RunConfig, steps: int, pairs: int = 4, quiet: bool = False) -> 
     scratch = Path(tempfile.mkdtemp(prefix="satlm-interleaved-"))
     try:
         dense, sat = (_trainer(sat_cfg, s, data, tokenizer, path, scratch) for s in (False, True))
+        sat_model = sat.model
         loader = iter(dense.get_train_dataloader())
         batches = []
         for _ in range(pairs):
@@ -205,24 +237,38 @@ def measure(cfg: RunConfig, steps: int, pairs: int = 4, quiet: bool = False) -> 
                 t = {id(tr): _step(tr, group, cfg.max_grad_norm) for tr in order}
                 if i >= 0:
                     times.setdefault(level, []).append((t[id(dense)], t[id(sat)]))
+        from ..modeling.patch import _unwrap
+
+        runtime = _unwrap(sat_model).sat_runtime
+        sensitivity = runtime.sensitivity or {}
+        factors = {str(k): v for k, v in runtime.layer_factors.items()}
     finally:
-        dense = sat = None
+        dense = sat = sat_model = None
         gc.collect()
         shutil.rmtree(scratch, ignore_errors=True)  # satlm's own scratch folder
     ratios = {f: statistics.median(d / s for d, s in ts) for f, ts in times.items()}
-    replicas = [schedule_speedup(fractions, {f: ts[j][0] / ts[j][1] for f, ts in times.items()})
+    dense_step = statistics.median(d for ts in times.values() for d, _ in ts)
+    # layer_rates: auto measures the layers before the first step: SAT's time too, counted in dense steps.
+    setup = sensitivity.get("seconds", 0.0) / dense_step
+
+    def speedup(r: dict[float, float]) -> float:
+        return len(fractions) / (setup + dense_equivalents(fractions, r)[-1])
+
+    replicas = [speedup({f: ts[j][0] / ts[j][1] for f, ts in times.items()})
                 for j in range(min(len(ts) for ts in times.values()))]
     q1, _, q3 = statistics.quantiles(replicas, n=4, method="inclusive") if len(replicas) > 1 else replicas * 3
     sat_rates = sat_cfg.sat
     result.update({
-        "speedup_interleaved": schedule_speedup(fractions, ratios),
+        "speedup_interleaved": speedup(ratios),
         "speedup_interleaved_iqr": [q1, q3],
         "levels": [{"schedule_fraction": f, "step": levels[f], "attn_omission_rate": sat_rates.max_attn_rate * f,
                     "mlp_omission_rate": sat_rates.max_mlp_rate * f, "ratio": ratios[f],
                     "steps_at_level": sum(1 for x in fractions if round(x, 9) == f),
                     "dense_seconds": [d for d, _ in times[f]], "sat_seconds": [s for _, s in times[f]]}
                    for f in times],
-        "dense_step_seconds": statistics.median(d for ts in times.values() for d, _ in ts),
+        "dense_step_seconds": dense_step,
+        "setup_dense_steps": setup,
+        "layer_factors": factors,
         "seconds": time.perf_counter() - start,
     })
     return result

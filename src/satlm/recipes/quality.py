@@ -98,9 +98,10 @@ def first_reach(evals: list[dict], target: float, key: str) -> float | None:
     return None
 
 
-def sat_time_axis(cfg: RunConfig, sat_steps: int, dense: dict, ratios: dict[float, float]):
+def sat_time_axis(cfg: RunConfig, sat_steps: int, dense: dict, ratios: dict[float, float], setup: float = 0.0):
     """step -> SAT's training seconds at that step: dense's measured seconds per step times the dense-step
-    equivalents of SAT's schedule up to it (interleaved ratios)."""
+    equivalents of SAT's schedule up to it (interleaved ratios), plus `setup` dense steps spent before its first
+    step (layer_rates: auto measures the layers then)."""
     sat_cfg = copy.deepcopy(cfg)
     sat_cfg.sat.enabled = True
     cumulative = interleaved.dense_equivalents(interleaved.schedule_fractions(sat_cfg, sat_steps), ratios)
@@ -108,8 +109,8 @@ def sat_time_axis(cfg: RunConfig, sat_steps: int, dense: dict, ratios: dict[floa
 
     def seconds(step: int) -> float:
         if step <= 0:
-            return 0.0
-        return per_step * (cumulative[min(step, len(cumulative)) - 1] + max(0, step - len(cumulative)))
+            return per_step * setup
+        return per_step * (setup + cumulative[min(step, len(cumulative)) - 1] + max(0, step - len(cumulative)))
 
     return seconds
 
@@ -153,7 +154,9 @@ def time_budget(cfg: RunConfig, dense: dict, out: Path, measured: dict) -> dict:
             return plan
     sat_cfg = copy.deepcopy(cfg)
     sat_cfg.sat.enabled = True
-    sat_steps = interleaved.steps_for_time(steps, lambda n: interleaved.schedule_fractions(sat_cfg, n), ratios)
+    setup = float(measured.get("setup_dense_steps", 0.0))  # time SAT spends before its first step
+    sat_steps = interleaved.steps_for_time(max(1, round(steps - setup)),
+                                           lambda n: interleaved.schedule_fractions(sat_cfg, n), ratios)
     scale = sat_steps / steps
     plan = {
         "budget": "time",
@@ -161,8 +164,9 @@ def time_budget(cfg: RunConfig, dense: dict, out: Path, measured: dict) -> dict:
         "dense_train_seconds": dense.get("train_seconds"),
         "ratios": {str(k): v for k, v in ratios.items()},
         "sat_steps": sat_steps,
-        "sat_dense_step_equivalents": interleaved.dense_equivalents(
+        "sat_dense_step_equivalents": setup + interleaved.dense_equivalents(
             interleaved.schedule_fractions(sat_cfg, sat_steps), ratios)[-1],
+        "setup_dense_steps": setup,
         "sat_eval_steps": max(1, round(cfg.eval_steps * scale)) if cfg.eval_steps else 0,
         "sat_save_steps": max(1, round(cfg.save_steps * scale)) if cfg.save_steps else 0,
     }

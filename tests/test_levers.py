@@ -1,0 +1,457 @@
+"""The quality levers (schedule by LR, per-layer rates, whole-layer backward skipping, loss tokens dense, skipped
+updates of omitted units) against references written here from the plain HF model, and their FLOPs.
+
+The references use only the plain model and hooks: at a layer's down projection the kept channels are the top-k by
+the L2 norm of the activations over the tokens that count; `dense` keeps the projection's value over every channel
+and cuts its gradient to the kept ones (f(h m) + (f(h) - f(h m)).detach()), `sparse` returns f(h m).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import satlm
+from conftest import batch, tiny_model
+from satlm.config import SATConfigError
+from satlm.schedules import mean_rate, scheduled_rates, stair_index
+
+D, FF, H, KV, T, B, V, L = 64, 96, 4, 2, 16, 3, 128, 3
+
+
+def keep(n: int, rate: float) -> int:
+    return max(1, math.floor((1 - rate) * n + 0.5))
+
+
+def grads_of(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got: dict, ref: dict, tol: float = 1e-5):
+    assert set(got) == set(ref), set(got) ^ set(ref)
+    for name in ref:
+        err = ((got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-30)).item()
+        assert err <= tol or ref[name].abs().max() < 1e-12 and got[name].abs().max() < 1e-12, (name, err)
+
+
+def model_and_data(layers: int = L, attn: str = "eager", seed: int = 0):
+    model = tiny_model("llama", hidden=D, inter=FF, heads=H, kv_heads=KV, layers=layers, vocab=V, attn=attn,
+                       seed=seed)
+    return model, batch(vocab=V, b=B, t=T)
+
+
+def mlp_reference(model, data, rate_of_layer, forward: str = "dense", rows_of=None):
+    """Loss and gradients with each layer's MLP channels cut as the module doc says; rows_of(h): the (B, T) rows
+    whose omission applies (default: every row) and the tokens scored (the real tokens among them)."""
+    token = data["attention_mask"].to(torch.float64)
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        rate = rate_of_layer(i)
+
+        def hook(mod, args, output, rate=rate):
+            (h,) = args
+            rows = rows_of(h) if rows_of is not None else torch.ones(h.shape[:2], dtype=torch.float64)
+            score = ((h.detach().double() ** 2) * (token * rows)[..., None]).sum((0, 1)).sqrt()
+            rows = rows.to(h.dtype)
+            m = torch.zeros(h.shape[-1], dtype=h.dtype)
+            m[score.topk(keep(h.shape[-1], rate)).indices] = 1
+            m = 1 - rows[..., None] * (1 - m)  # (B, T, f): the cut in the rows it applies to, 1 elsewhere
+            cut = F.linear(h * m, mod.weight, mod.bias)  # (calling mod here would run this hook again)
+            return cut if forward == "sparse" else cut + (output - cut).detach()
+
+        hooks.append(layer.mlp.down_proj.register_forward_hook(hook))
+    loss = model(**data).loss
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    return loss.detach(), grads_of(model)
+
+
+def sat_step(model, data, **config):
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", **config))
+    loss = model(**data).loss
+    loss.backward()
+    return loss.detach(), grads_of(model)
+
+
+def step_flops(model, data) -> int:
+    with FlopCounterMode(display=False) as counter:
+        model(**data).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+# -- a. the schedule sees the LR --------------------------------------------------------------------------
+def test_dense_start_runs_the_first_steps_dense_for_every_schedule():
+    for schedule in ("constant", "ladder", "linear"):
+        cfg = satlm.SATConfig(schedule=schedule, dense_start=0.1, rungs=2)
+        rates = [scheduled_rates(cfg, t, 100)[1] for t in range(100)]
+        assert rates[:10] == [0.0] * 10 and rates[10] == 0.5, schedule
+    ladder = [scheduled_rates(satlm.SATConfig(dense_start=0.1, rungs=2, dense_tail=0.1), t, 100)[1]
+              for t in range(100)]
+    assert ladder[10:50] == [0.5] * 40 and ladder[50:90] == [0.25] * 40 and ladder[90:] == [0.0] * 10
+    with pytest.raises(SATConfigError, match="dense_start"):
+        satlm.SATConfig(dense_start=0.5, dense_tail=0.5)
+
+
+def _cosine(steps: int, warmup: int = 0) -> list[float]:
+    return [t / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup)))
+            for t in range(steps)]
+
+
+def test_rungs_placed_by_lr_carry_equal_lr_shares():
+    steps, rungs = 120, 4
+    lrs = _cosine(steps, warmup=6)
+    cfg = satlm.SATConfig(rungs=rungs, dense_tail=0.1, rung_placement="lr")
+    stage = [stair_index(cfg, t, steps, lrs) for t in range(steps)]
+    span = [t for t in range(steps) if stage[t] is not None]
+    assert span == list(range(108))  # the dense tail is the last 10% of the steps, as with steps placement
+    total = sum(lrs[t] for t in span)
+    shares = [sum(lrs[t] for t in span if stage[t] == r) / total for r in range(rungs)]
+    biggest = max(lrs[t] for t in span) / total
+    assert all(abs(s - 1 / rungs) <= biggest for s in shares), shares
+    by_steps = satlm.SATConfig(rungs=rungs, dense_tail=0.1)
+    step_shares = [sum(lrs[t] for t in span if stair_index(by_steps, t, steps) == r) / total for r in range(rungs)]
+    assert step_shares[0] > 0.3 and step_shares[-1] < 0.1  # equal steps: the first rungs carry most of the LR
+    # monotone: the rate never rises
+    rates = [scheduled_rates(cfg, t, steps, lrs)[1] for t in range(steps)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_rungs_by_lr_without_a_profile_is_a_clear_error():
+    model, _ = model_and_data(layers=1)
+    satlm.apply_sat(model, satlm.SATConfig(rung_placement="lr"))
+    with pytest.raises(SATConfigError, match="set_sat_lr_profile"):
+        satlm.set_sat_step(model, 0, 10)
+    satlm.set_sat_lr_profile(model, _cosine(10))
+    assert satlm.set_sat_step(model, 0, 10) == (0.0, 0.5)
+
+
+def test_the_callback_reads_the_trainers_lr_schedule(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("llama", hidden=D, inter=FF, heads=H, kv_heads=KV, layers=1, vocab=V)
+    satlm.apply_sat(model, satlm.SATConfig(rungs=4, dense_tail=0.1, rung_placement="lr", dense_start=0.1))
+    data = [{k: v[0] for k, v in batch(vocab=V, b=1, t=T, pad=False, seed=s).items()} for s in range(4)]
+    steps = 20
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2,
+                             logging_steps=1, report_to="none", use_cpu=True, disable_tqdm=True,
+                             lr_scheduler_type="cosine", warmup_steps=2, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[satlm.SATCallback()])
+    trainer.train()
+    profile = model.sat_runtime.lr_profile
+    expected = [5e-5 * v for v in _cosine(steps, warmup=2)]  # transformers' cosine with warm-up, written out
+    assert profile == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    logged = [h["mlp_omission_rate"] for h in trainer.state.log_history if "loss" in h]
+    cfg = model.sat_runtime.config
+    assert logged == pytest.approx([scheduled_rates(cfg, t, steps, expected)[1] for t in range(steps)])
+    assert logged[:2] == [0.0, 0.0]  # dense_start
+
+
+def test_mean_rate_of_a_ladder_and_its_flop_matched_constant():
+    ladder = satlm.SATConfig(rungs=4, dense_tail=0.1)
+    assert mean_rate(ladder, 120)[1] == pytest.approx(0.28125, abs=0.005)
+    constant = satlm.SATConfig(schedule="constant", omission_rate=0.28125, dense_tail=0.0)
+    assert mean_rate(constant, 120)[1] == pytest.approx(mean_rate(ladder, 120)[1], abs=0.005)
+
+
+# -- b. per-layer rates -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("forward", ["dense", "sparse"])
+def test_layer_rates_match_the_reference(forward):
+    factors = [0.0, 1.5, 0.5]
+    model, data = model_and_data()
+    ref = copy.deepcopy(model)
+    loss, grads = sat_step(model, data, omission_rate=0.5, forward=forward, layer_rates=factors)
+    ref_loss, ref_grads = mlp_reference(ref, data, lambda i: 0.5 * factors[i], forward)
+    assert torch.allclose(loss, ref_loss, rtol=1e-10)
+    assert_same_grads(grads, ref_grads)
+    kept = [e["mlp"]["kept_count"] for e in satlm.sat_state(model)["layers"]]
+    assert kept == [None, keep(FF, 0.75), keep(FF, 0.25)]  # layer 0 dense (factor 0)
+
+
+def test_layer_rates_flops_follow_the_factors():
+    factors = [0.0, 1.5, 0.5]
+    model, data = model_and_data()
+    dense = step_flops(model, data)
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", omission_rate=0.5, layer_rates=factors))
+    n = B * T
+    saved = sum(12 * D * FF * n * (1 - keep(FF, 0.5 * f) / FF) for f in factors)  # MLP backward over kept channels
+    expected = dense - saved
+    assert abs(step_flops(model, data) - expected) / expected < 0.02
+
+
+def test_layer_rates_are_checked_against_the_model():
+    model, _ = model_and_data()
+    with pytest.raises(SATConfigError, match="3 decoder layers"):
+        satlm.apply_sat(model, satlm.SATConfig(layer_rates=[1.0, 1.0]))
+    with pytest.raises(SATConfigError, match=r"layer_rates\[1\]"):
+        satlm.apply_sat(model, satlm.SATConfig(layer_rates=[1.0, 2.0, 1.0]))
+    with pytest.raises(SATConfigError, match="layer_rates"):
+        satlm.SATConfig(layer_rates="some")
+
+
+def _thinned_loss(model, data, layer: int, rate: float) -> float:
+    """The reference's loss with only `layer`'s lowest-L2 channels omitted from the forward."""
+    token = data["attention_mask"].to(torch.float64)
+
+    def hook(mod, args):
+        (h,) = args
+        score = ((h ** 2) * token[..., None]).sum((0, 1)).sqrt()
+        m = torch.zeros(h.shape[-1], dtype=h.dtype)
+        m[score.topk(keep(h.shape[-1], rate)).indices] = 1
+        return (h * m,)
+
+    handle = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        loss = float(model(**data).loss)
+    handle.remove()
+    return loss
+
+
+def test_auto_layer_rates_measure_each_layers_loss_increase_and_spend_the_rate_where_it_costs_least():
+    from satlm.modeling.sensitivity import factors_from_sensitivity
+
+    model, data = model_and_data()
+    ref = copy.deepcopy(model)
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", omission_rate=0.5, layer_rates="auto"))
+    factors = satlm.measure_layer_rates(model, [data])
+    with torch.no_grad():
+        dense = float(ref(**data).loss)
+    found = model.sat_runtime.sensitivity["loss_increase"]
+    for i in range(L):
+        assert found[str(i)] == pytest.approx(_thinned_loss(ref, data, i, 0.5) - dense, rel=1e-8, abs=1e-12)
+    assert sum(factors.values()) / L == pytest.approx(1.0)
+    a = {i: max(1e-4, found[str(i)]) for i in range(L)}
+    uncapped = [i for i in range(L) if factors[i] < 0.9 / 0.5 - 1e-9]
+    for i in uncapped:  # inversely proportional to the damage where no cap applies
+        for j in uncapped:
+            assert factors[i] * a[i] == pytest.approx(factors[j] * a[j], rel=1e-9)
+    assert all(0.5 * f <= 0.9 + 1e-12 for f in factors.values())
+    # the cap spreads what it removes: a huge spread of sensitivities still gives factors of mean 1, none above it
+    capped = factors_from_sensitivity({0: 1.0, 1: 1e-3, 2: 1e-3, 3: 1.0}, 0.5)
+    assert capped[1] == capped[2] == pytest.approx(1.8) and sum(capped.values()) == pytest.approx(4.0)
+
+
+def test_measuring_leaves_training_as_it_would_have_been():
+    """A step after the measurement equals a step of a model given the same factors by hand."""
+    model, data = model_and_data()
+    twin = copy.deepcopy(model)
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", layer_rates="auto", selection="sample", seed=4))
+    factors = satlm.measure_layer_rates(model, [data])
+    loss = model(**data).loss
+    loss.backward()
+    satlm.apply_sat(twin, satlm.SATConfig(schedule="constant", layer_rates=[factors[i] for i in range(L)],
+                                          selection="sample", seed=4))
+    twin_loss = twin(**data).loss
+    twin_loss.backward()
+    assert loss.item() == twin_loss.item()
+    assert_same_grads(grads_of(model), grads_of(twin), tol=0.0)
+
+
+# -- c. whole-layer backward skipping ---------------------------------------------------------------------
+def drop_reference(model, data, dropped: set[int]):
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        if i in dropped:
+            def hook(mod, args, kwargs, output):
+                x = args[0] if args else kwargs["hidden_states"]
+                y = output[0] if isinstance(output, tuple) else output
+                y = y.detach() + (x - x.detach())
+                return (y, *output[1:]) if isinstance(output, tuple) else y
+
+            hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
+    loss = model(**data).loss
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    return loss.detach(), grads_of(model)
+
+
+def test_layer_drop_skips_whole_layers_backward_as_the_reference():
+    model, data = model_and_data(layers=4)
+    ref = copy.deepcopy(model)
+    loss, grads = sat_step(model, data, omission_rate=0.0, layer_drop_rate=0.5, seed=1)
+    dropped = set(model.sat_runtime.dropped)
+    assert 0 < len(dropped) < 4, dropped
+    ref_loss, ref_grads = drop_reference(ref, data, dropped)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)  # the forward is unchanged
+    for name in ref_grads:  # the dropped layers' parameters get no gradient
+        assert not any(f"layers.{i}." in name for i in dropped), name
+    assert_same_grads(grads, ref_grads)
+
+
+def test_layer_drop_with_channel_omission_and_the_schedule():
+    model, data = model_and_data(layers=4)
+    satlm.apply_sat(model, satlm.SATConfig(layer_drop_rate=0.5, rungs=2, dense_tail=0.5, seed=2))
+    draws = []
+    for step in (0, 6):  # the first rung (probability 0.5), then the dense tail (0)
+        satlm.set_sat_step(model, step, 8)
+        for _ in range(8):
+            model(**data).loss.backward()
+            draws.append(len(model.sat_runtime.dropped))
+    assert sum(draws[:8]) > 0 and sum(draws[8:]) == 0
+    satlm.remove_sat(model)
+    assert "forward" not in vars(model.model.layers[0])  # the class's forward again
+
+
+def test_layer_drop_flops_leave_out_the_dropped_layers_backward():
+    model, data = model_and_data(layers=4)
+    dense = step_flops(model, data)
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", omission_rate=0.0, layer_drop_rate=0.5, seed=1))
+    torch.manual_seed(0)
+    measured = step_flops(model, data)
+    dropped = len(model.sat_runtime.dropped)
+    n, dkv = B * T, D // H * KV
+    layer_forward = n * (6 * D * FF + 2 * D * (2 * D + 2 * dkv)) + 4 * n * T * D  # projections, MLP, eager core
+    expected = dense - dropped * 2 * layer_forward
+    assert 0 < dropped and abs(measured - expected) / expected < 0.02, (measured, expected, dropped)
+
+
+def test_layer_drop_resumes_exactly():
+    model, data = model_and_data(layers=4)
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", layer_drop_rate=0.5, seed=5))
+    model(**data).loss.backward()
+    state = satlm.sat_state_dict(model)
+    after = []
+    for _ in range(4):
+        model(**data).loss.backward()
+        after.append(sorted(model.sat_runtime.dropped))
+    twin, _ = model_and_data(layers=4)
+    satlm.apply_sat(twin, satlm.SATConfig(schedule="constant", layer_drop_rate=0.5, seed=5))
+    satlm.load_sat_state_dict(twin, state)
+    again = []
+    for _ in range(4):
+        twin(**data).loss.backward()
+        again.append(sorted(twin.sat_runtime.dropped))
+    assert after == again
+
+
+# -- d. loss tokens dense ---------------------------------------------------------------------------------
+def sft_batch():
+    data = batch(vocab=V, b=B, t=T, pad=True)
+    labels = data["labels"].clone()
+    labels[:, : T // 2] = -100  # a prompt: its tokens carry no loss
+    data["labels"] = labels
+    return data
+
+
+def _loss_rows(data):
+    rows = torch.zeros(data["labels"].shape, dtype=torch.float64)
+    rows[:, :-1] = (data["labels"][:, 1:] != -100).to(torch.float64)
+    return rows
+
+
+@pytest.mark.parametrize("forward", ["dense", "sparse"])
+@pytest.mark.parametrize("unfused", [False, True])
+def test_loss_tokens_dense_matches_the_reference(forward, unfused):
+    extra = {"hidden_act": "gelu"} if unfused else {}
+    model = tiny_model("llama", hidden=D, inter=FF, heads=H, kv_heads=KV, layers=2, vocab=V, **extra)
+    data = sft_batch()
+    ref = copy.deepcopy(model)
+    loss, grads = sat_step(model, data, omission_rate=0.5, forward=forward, loss_tokens_dense=True)
+    other = 1 - _loss_rows(data)  # omission applies to the rows that carry no loss
+    ref_loss, ref_grads = mlp_reference(ref, data, lambda i: 0.5, forward, rows_of=lambda h: other)
+    assert torch.allclose(loss, ref_loss, rtol=1e-10)
+    assert_same_grads(grads, ref_grads)
+
+
+def test_loss_tokens_dense_flops():
+    model, _ = model_and_data(layers=2)
+    data = sft_batch()
+    dense = step_flops(model, data)
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", omission_rate=0.5, loss_tokens_dense=True))
+    n_loss = int(_loss_rows(data).sum())
+    n_other = B * T - n_loss
+    k = keep(FF, 0.5)
+    expected = dense - 2 * 12 * D * (FF - k) * n_other  # the MLP backward over kept channels in the other rows
+    measured = step_flops(model, data)
+    assert abs(measured - expected) / expected < 0.02, (measured, expected)
+
+
+def test_loss_tokens_dense_refusals():
+    with pytest.raises(SATConfigError, match="attn_omission_rate=0"):
+        satlm.SATConfig(loss_tokens_dense=True, attn_omission_rate=0.5)
+    model, data = model_and_data(layers=1)
+    satlm.apply_sat(model, satlm.SATConfig(loss_tokens_dense=True))
+    data.pop("labels")
+    with pytest.raises(SATConfigError, match="labels"):
+        model(**data)
+
+
+# -- e. omitted units and the optimizer -------------------------------------------------------------------
+@pytest.mark.parametrize("attn_rate,unit", [(0.0, "head"), (0.5, "head"), (0.5, "kv_group")])
+def test_skip_leaves_omitted_units_and_their_adam_state_untouched(attn_rate, unit):
+    from satlm.modeling.omitted import OmittedUpdate
+
+    model, data = model_and_data(layers=2)
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", omission_rate=0.5, attn_omission_rate=attn_rate,
+                                           attn_unit=unit, omitted_update="skip"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model(**data).loss.backward()
+    opt.step()  # a first step: every parameter has Adam moments now
+    opt.zero_grad()
+    twin, twin_opt = copy.deepcopy(model), None
+    skip = OmittedUpdate()
+    skip.begin_step(model.sat_runtime.modules)
+    model(**data).loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state_before = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    # the reference: a plain AdamW step with the same gradients on a copy
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (load_state_dict shares same-device tensors)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        q.grad = None if p.grad is None else p.grad.clone()
+    skip.save(model.sat_runtime.modules, opt)
+    opt.step()
+    skip.restore()
+    twin_opt.step()
+    params = dict(model.named_parameters())
+    ref = dict(twin.named_parameters())
+    omitted_rows = 0
+    for layer in range(2):
+        mlp = model.model.layers[layer].mlp
+        kept = mlp.sat_last_kept
+        out = torch.ones(FF, dtype=torch.bool)
+        out[kept] = False
+        omitted_rows += int(out.sum())
+        for name, dim in ((f"model.layers.{layer}.mlp.gate_proj.weight", 0), (f"model.layers.{layer}.mlp.up_proj.weight", 0),
+                          (f"model.layers.{layer}.mlp.down_proj.weight", 1)):
+            got, was, plain = params[name].detach(), before[name], ref[name].detach()
+            sl = (lambda t, m: t[m]) if dim == 0 else (lambda t, m: t[:, m])
+            assert torch.equal(sl(got, out), sl(was, out)), name  # omitted: as before the step
+            assert torch.equal(sl(got, ~out), sl(plain, ~out)), name  # kept: AdamW's step
+            p = params[name]
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(sl(opt.state[p][key], out), sl(state_before[name][key], out)), (name, key)
+    assert omitted_rows == 2 * (FF - keep(FF, 0.5))
+    # everything outside the MLPs (and the attention when heads are kept) took AdamW's step
+    name = "model.embed_tokens.weight"
+    assert torch.equal(params[name].detach(), ref[name].detach())
+    if attn_rate == 0.0:
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert torch.equal(params[name].detach(), ref[name].detach())
+    else:  # an omitted head's q rows (or a group's) are as they were
+        attn = model.model.layers[0].self_attn
+        kept_units = attn.sat_last_kept.tolist()
+        hd = D // H
+        heads = [h for h in range(H) if (h // (H // KV) if unit == "kv_group" else h) not in kept_units]
+        rows = [r for h in heads for r in range(h * hd, (h + 1) * hd)]
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert rows and torch.equal(params[name].detach()[rows], before[name][rows])
+
+
+def test_skip_is_refused_where_it_cannot_be_exact():
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = model_and_data(layers=1)
+    model = get_peft_model(model.float(), LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    with pytest.raises(satlm.UnsupportedModelError, match="LoRA"):
+        satlm.apply_sat(model, satlm.SATConfig(omitted_update="skip"))
+    with pytest.raises(SATConfigError, match="omitted_update"):
+        satlm.SATConfig(omitted_update="lazy")
