@@ -1,21 +1,25 @@
-"""Quality sweep on a real model: one dense run, then `satlm compare` for each SAT setting against it.
+"""Quality sweep on a real model: one dense run per seed, then `satlm compare` for each SAT setting against them.
 
-    python benchmarks/quality_sweep.py --task cpt --out runs/sweep-cpt [--variants NAME,...] [key=value ...]
+    python benchmarks/quality_sweep.py --task cpt --out runs/sweep-cpt [--seeds 0,1] [--variants NAME,...]
+        [key=value ...]
+    python benchmarks/quality_sweep.py table benchmarks/quality/cpt-paired.jsonl
 
-Every variant is `satlm compare configs/real-<task>.yaml <the sweep's overrides> <the variant's overrides>`
-with output_dir=OUT/<variant>, whose dense/ is a link to one shared dense run (OUT/dense), so the dense side
-is trained once and every SAT side is compared with the same run. After each variant, its row (eval loss
-ratio, tokens/s ratio, time- and tokens-to-quality, the command) is appended to
-benchmarks/quality/<task>.jsonl, so a stopped sweep loses nothing; rerunning skips finished variants.
+Every variant is `satlm compare configs/real-<task>.yaml <the sweep's overrides> <the variant's overrides>
+seeds=[...]` with output_dir=OUT/<variant>, whose seed-S/dense is a link to the shared dense run of seed S
+(OUT/dense-seed-S), so the dense side is trained once per seed and every SAT side is compared with the same runs.
+After each variant its row is appended to benchmarks/quality/<task>-paired.jsonl: the paired eval-loss delta
+(mean over seeds, SE; per seed), speedup_interleaved and its IQR, time- and tokens-to-quality, the mean omission
+rates, the curves and the command, so a stopped sweep loses nothing; rerunning skips variants already recorded
+with those seeds, and rerunning with more seeds reuses the finished runs of the first ones.
 
-The runs take the machine's CPUs: each one holds an exclusive lock on $SATLM_CPU_LOCK (default
-/tmp/satlm-cpu.lock) while it trains, so other heavy jobs wrapped in `flock` the same file wait for it.
+Timing: set SATLM_CPU_LOCK (default here /tmp/satlm-cpu.lock) and wrap any other heavy job in
+`flock /tmp/satlm-cpu.lock ...`: the interleaved timing of each compare holds that lock, so the job waits while
+the steps are timed (the training runs themselves may share the machine: only the timing needs it alone).
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import subprocess
@@ -26,107 +30,116 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "quality"
 
-# name -> (overrides, what it tests). Every variant states both rates: the shipped configs keep heads
-# (sat.attn_omission_rate: 0), so a variant that left the attention rate out would not omit heads.
-SAT_BASE = ["sat.enabled=true", "sat.source=current", "sat.metric=l2", "sat.schedule=ladder", "sat.dense_tail=0.1"]
+MID = "[" + ",".join(map(str, range(2, 28))) + "]"  # SmolLM2-135M's 30 layers without the first and last two
+CHANNELS = ["sat.source=current", "sat.forward=dense", "sat.metric=l2", "sat.selection=topk",
+            "sat.attn_omission_rate=0"]
+
+
+def constant(rate: float, *extra: str) -> list[str]:
+    return [*CHANNELS, "sat.schedule=constant", f"sat.omission_rate={rate}", *extra]
+
+
+def ladder(rate: float, rungs: int, *extra: str) -> list[str]:
+    return [*CHANNELS, "sat.schedule=ladder", f"sat.omission_rate={rate}", f"sat.rungs={rungs}", *extra]
+
+
+# name -> (overrides, what it tests). Every variant states its rates: the shipped configs keep heads.
 VARIANTS: dict[str, tuple[list[str], str]] = {
-    "sparse-hc50-l4-sample": (SAT_BASE + ["sat.forward=sparse", "sat.omission_rate=0.5",
-                                          "sat.attn_omission_rate=0.5", "sat.rungs=4",
-                                          "sat.selection=sample"],
-                              "the shipped setting before: thinned forward, heads + channels"),
-    "dense-hc50-l4-topk": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.5",
-                                       "sat.attn_omission_rate=0.5", "sat.rungs=4",
-                                       "sat.selection=topk"], "dense forward, heads + channels, ladder 4"),
-    "dense-c50-l4-topk": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.5", "sat.attn_omission_rate=0",
-                                      "sat.rungs=4", "sat.selection=topk"], "dense forward, channels only"),
-    "dense-hc50-l4-sample": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.5",
-                                         "sat.attn_omission_rate=0.5", "sat.rungs=4",
-                                         "sat.selection=sample"], "dense forward, sample selection"),
-    "dense-hc50-l1-topk": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.5",
-                                       "sat.attn_omission_rate=0.5", "sat.rungs=1",
-                                       "sat.selection=topk"], "dense forward, r=0.5 throughout (one rung)"),
-    "dense-hc75-l2-topk": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.75",
-                                       "sat.attn_omission_rate=0.75", "sat.rungs=2",
-                                       "sat.selection=topk"], "dense forward, ladder 0.75, 0.375"),
-    "dense-a25c75-l1-topk": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.75",
-                                         "sat.attn_omission_rate=0.25", "sat.rungs=1", "sat.selection=topk"],
-                             "dense forward, heads 0.25 and channels 0.75 throughout"),
-    "dense-hc50-l1-topk-mid": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.5",
-                                           "sat.attn_omission_rate=0.5", "sat.rungs=1",
-                                           "sat.selection=topk", "sat.layers=[" + ",".join(map(str, range(2, 28))) + "]"],
-                               "dense forward, r=0.5 throughout, first and last two layers dense"),
-    "dense-c75-l1-topk": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.75", "sat.attn_omission_rate=0",
-                                      "sat.rungs=1", "sat.selection=topk"],
-                          "dense forward, channels only, r=0.75 throughout"),
-    "dense-c75-l1-sample": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.75", "sat.attn_omission_rate=0",
-                                        "sat.rungs=1", "sat.selection=sample"],
-                            "dense forward, channels only, r=0.75 throughout, sample selection"),
-    "dense-c50-l1-topk": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.5", "sat.attn_omission_rate=0",
-                                      "sat.rungs=1", "sat.selection=topk"],
-                          "dense forward, channels only, r=0.5 throughout"),
-    "dense-c50-l2-topk": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.5", "sat.attn_omission_rate=0",
-                                      "sat.rungs=2", "sat.selection=topk"],
-                          "dense forward, channels only, ladder 0.5, 0.25"),
-    "dense-c75-l4-topk": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.75", "sat.attn_omission_rate=0",
-                                      "sat.rungs=4", "sat.selection=topk"],
-                          "dense forward, channels only, ladder 4 from 0.75"),
-    "sparse-c50-l4-topk": (SAT_BASE + ["sat.forward=sparse", "sat.omission_rate=0.5", "sat.attn_omission_rate=0",
-                                       "sat.rungs=4", "sat.selection=topk"],
-                           "thinned forward, channels only, ladder 4"),
-    "dense-c50-l4-output": (SAT_BASE[:2] + SAT_BASE[3:] + ["sat.metric=output", "sat.forward=dense",
-                                                          "sat.omission_rate=0.5", "sat.attn_omission_rate=0",
-                                                          "sat.rungs=4", "sat.selection=topk"],
-                            "dense forward, channels only, output metric (l2 x the down column's norm)"),
-    "dense-c50-l4-topk-mid": (SAT_BASE + ["sat.forward=dense", "sat.omission_rate=0.5", "sat.attn_omission_rate=0",
-                                          "sat.rungs=4", "sat.selection=topk",
-                                          "sat.layers=[" + ",".join(map(str, range(2, 28))) + "]"],
-                              "dense forward, channels only, first and last two layers dense"),
-    "history-c50-l1-topk": (SAT_BASE + ["sat.source=history", "sat.forward=sparse", "sat.omission_rate=0.5",
-                                        "sat.attn_omission_rate=0", "sat.rungs=1", "sat.selection=topk"],
-                            "history (thinned forward, every projection shrinks), channels only"),
+    "shipped": (ladder(0.5, 4, "sat.dense_tail=0.1"), "the shipped setting: ladder 4 from 0.5, 10% dense tail"),
+    "c50": (constant(0.5), "r=0.5 throughout, no dense tail (FLOP ceiling 1.227x)"),
+    "c28": (constant(0.28), "r=0.28 throughout: the shipped ladder's mean rate (FLOP-matched to it)"),
+    "l4-lr": (ladder(0.5, 4, "sat.dense_tail=0.1", "sat.rung_placement=lr", "sat.dense_start=0.05"),
+              "ladder 4 from 0.5, rungs of equal LR share, 5% dense start, 10% dense tail"),
+    "c50-auto": (constant(0.5, "sat.layer_rates=auto"), "r=0.5 throughout, per-layer rates by sensitivity"),
+    "c62-auto": (constant(0.625, "sat.layer_rates=auto"), "r=0.625 throughout, per-layer rates by sensitivity"),
+    "c75-auto": (constant(0.75, "sat.layer_rates=auto"), "r=0.75 throughout, per-layer rates by sensitivity"),
+    "c58-mid": (constant(0.577, f"sat.layers={MID}"),
+                "first and last two layers dense, r=0.577 in the others (FLOP-matched to c50)"),
+    "c50-skip": (constant(0.5, "sat.omitted_update=skip"), "r=0.5 throughout, omitted units' updates skipped"),
+    "drop50": (constant(0.0, "sat.layer_drop_rate=0.5"), "whole-layer backward skipping (DropBP) at 0.5, no "
+               "channel omission"),
+    "drop50-auto": (constant(0.0, "sat.layer_drop_rate=0.5", "sat.layer_rates=auto"),
+                    "whole-layer backward skipping at 0.5, per-layer rates by sensitivity"),
+    "drop25-c50": (constant(0.5, "sat.layer_drop_rate=0.25"), "layer skipping 0.25 and channels 0.5"),
+    "thin-c50-auto": (constant(0.5, "sat.forward=sparse", "sat.layer_rates=auto"),
+                      "the thinned forward (paper mode), r=0.5, per-layer rates"),
+    "c50-ltd": (constant(0.5, "sat.loss_tokens_dense=true"), "SFT: r=0.5 in the rows without loss only"),
+    "c75-ltd-auto": (constant(0.75, "sat.loss_tokens_dense=true", "sat.layer_rates=auto"),
+                     "SFT: r=0.75 in the rows without loss only, per-layer rates"),
 }
-
-
-class cpu_lock:
-    """An exclusive flock on $SATLM_CPU_LOCK while a heavy job runs."""
-
-    def __init__(self):
-        self.path = os.environ.get("SATLM_CPU_LOCK", "/tmp/satlm-cpu.lock")
-
-    def __enter__(self):
-        self.f = open(self.path, "w")
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
 
 
 def run(cmd: list[str], log: Path) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
-    with cpu_lock(), open(log, "a") as f:
+    with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    time.sleep(30)  # let a job waiting for the lock take it before the next run (flock is not first come, first served)
-    return rc
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
 
 
-def row(name: str, what: str, command: str, result: dict, budget: str) -> dict:
-    dense, sat = result["dense"], result["sat"]
-    q = result.get("quality") or {}
+def compact_curves(curves: dict) -> dict:
+    keys = ("seed", "step", "tokens", "seconds", "train_seconds", "eval_loss")
+    return {m: [{k: p.get(k) for k in keys} for p in pts] for m, pts in curves.items()}
+
+
+def row(name: str, what: str, command: str, result: dict) -> dict:
+    from satlm.config import SATConfig
+    from satlm.schedules import mean_rate
+
+    sat = SATConfig.from_dict({k: v for k, v in result["config"]["sat"].items() if k != "enabled"})
+    steps = result["sat"]["steps"]
+    attn, mlp = mean_rate(sat, steps) if sat.rung_placement != "lr" else (None, None)
+    inter = result.get("interleaved") or {}
     return {
-        "variant": name, "budget": budget, "what": what, "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "dense_eval_loss": dense["eval_loss"], "sat_eval_loss": sat["eval_loss"],
-        "eval_loss_ratio": result["eval_loss_ratio"], "speedup": result["speedup"],
-        "speedup_median": result.get("speedup_median"), "train_time_ratio": result.get("train_time_ratio"),
-        "time_to_quality": result.get("time_to_quality"), "tokens_to_quality": result.get("tokens_to_quality"),
-        "dense_steps": dense["steps"], "sat_steps": sat["steps"],
-        "dense_tokens_per_second": dense["tokens_per_second"], "sat_tokens_per_second": sat["tokens_per_second"],
-        "target_eval_loss": q.get("target_eval_loss"),
+        "variant": name, "what": what, "command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "seeds": result["seeds"], "budget": result["budget"],
+        "eval_loss_delta_pct": result["eval_loss_delta_pct"], "eval_loss_delta_se_pct": result["eval_loss_delta_se_pct"],
+        "eval_loss_delta_per_seed_pct": result.get("eval_loss_delta_per_seed_pct"),
+        "within_1pct": result.get("within_1pct"),
+        "speedup_interleaved": result["speedup_interleaved"], "speedup_interleaved_iqr": result["speedup_interleaved_iqr"],
+        "interleaved_levels": [{k: lv[k] for k in ("schedule_fraction", "ratio", "steps_at_level")}
+                               for lv in inter.get("levels", [])],
+        "interleaved_seconds": inter.get("seconds"), "setup_dense_steps": inter.get("setup_dense_steps"),
+        "layer_factors": inter.get("layer_factors"),
+        "time_to_quality": result["time_to_quality"], "tokens_to_quality": result["tokens_to_quality"],
+        "time_to_quality_separate": result.get("time_to_quality_separate"),
+        "speedup_separate_processes": result["speedup"],
+        "mean_attn_rate": attn, "mean_mlp_rate": mlp,
+        "dense_eval_loss": [r["dense"]["eval_loss"] for r in result["per_seed"]],
+        "sat_eval_loss": [r["sat"]["eval_loss"] for r in result["per_seed"]],
+        "dense_steps": result["dense"]["steps"], "sat_steps": steps,
+        "curves": compact_curves(result["curves"]),
     }
+
+
+def link_dense(vdir: Path, dense_dirs: dict[int, Path]) -> None:
+    """vdir/seed-S/dense -> the shared dense run of seed S, in folders marked as satlm comparisons (as `satlm
+    compare` marks them), so that compare takes them as its own."""
+    from satlm.recipes.compare import COMPARE_JSON, COMPARE_PNG, MODES
+    from satlm.recipes.interleaved import INTERLEAVED_JSON
+    from satlm.recipes.quality import BUDGET_JSON
+    from satlm.recipes.train import claim_output_dir
+
+    parts = MODES + tuple(f"seed-{s}" for s in dense_dirs)
+    with claim_output_dir(vdir, "compare", writes=(COMPARE_JSON, COMPARE_PNG, BUDGET_JSON, INTERLEAVED_JSON),
+                          parts=parts):
+        for s, dense in dense_dirs.items():
+            with claim_output_dir(vdir / f"seed-{s}", "compare", writes=(BUDGET_JSON,), parts=MODES):
+                if not (vdir / f"seed-{s}" / "dense").exists():
+                    os.symlink(dense, vdir / f"seed-{s}" / "dense")
+
+
+def _dense(satlm: list[str], config: str, common: list[str], out: Path, seed: int) -> Path | None:
+    dense_dir = out / f"dense-seed-{seed}"
+    if (dense_dir / "summary.json").is_file() and json.loads((dense_dir / "summary.json").read_text()).get("completed"):
+        return dense_dir
+    cmd = [*satlm, "train", config, *common, f"seed={seed}", "sat.enabled=false", f"output_dir={dense_dir}",
+           "resume=false", "overwrite=true"]
+    print(f"[sweep] dense seed {seed}: {' '.join(cmd[2:])}", flush=True)
+    if run(cmd, out / "logs" / f"dense-seed-{seed}.log") != 0:
+        print("[sweep] the dense run failed; see the log", flush=True)
+        return None
+    return dense_dir
 
 
 def main(argv=None) -> int:
@@ -134,40 +147,37 @@ def main(argv=None) -> int:
     p.add_argument("--task", choices=["cpt", "sft"], required=True)
     p.add_argument("--out", required=True, help="sweep folder (one subfolder per variant)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
+    p.add_argument("--seeds", default="0", help="comma list of seeds (both sides once per seed)")
     p.add_argument("--budget", default="tokens", choices=["tokens", "time"])
-    p.add_argument("--results", default=None, help="JSONL to append rows to (default benchmarks/quality/TASK.jsonl)")
+    p.add_argument("--results", default=None, help="JSONL to append rows to (default "
+                   "benchmarks/quality/TASK-paired.jsonl)")
     p.add_argument("overrides", nargs="*", help="key=value for every run (max_steps=120 ...)")
     args = p.parse_args(argv)
+    os.environ.setdefault("SATLM_CPU_LOCK", "/tmp/satlm-cpu.lock")
     out = Path(args.out).resolve()
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     config = f"configs/real-{args.task}.yaml"
     common = [*args.overrides, "progress=false", "overwrite=false"]
-    results = Path(args.results) if args.results else RESULTS / f"{args.task}.jsonl"
+    results = Path(args.results) if args.results else RESULTS / f"{args.task}-paired.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
     satlm = [sys.executable, "-m", "satlm.cli"]
-
-    dense_dir = out / "dense"
-    if not (dense_dir / "summary.json").is_file():
-        cmd = [*satlm, "train", config, *common, "sat.enabled=false", f"output_dir={dense_dir}", "resume=false",
-               "overwrite=true"]
-        print(f"[sweep] dense: {' '.join(cmd[2:])}", flush=True)
-        if run(cmd, out / "logs" / "dense.log") != 0:
-            print("[sweep] the dense run failed; see the log", flush=True)
-            return 1
+    dense_dirs = {s: _dense(satlm, config, common, out, s) for s in seeds}
+    if any(d is None for d in dense_dirs.values()):
+        return 1
     done = set()
     if results.is_file():
-        done = {(r["variant"], r["budget"], r.get("out")) for r in map(json.loads, results.read_text().splitlines())}
+        done = {(r["variant"], r["budget"], tuple(r["seeds"]), r.get("out"))
+                for r in map(json.loads, results.read_text().splitlines())}
     for name in [v for v in args.variants.split(",") if v]:
         overrides, what = VARIANTS[name]
         tag = name if args.budget == "tokens" else f"{name}-time"
-        if (name, args.budget, str(out)) in done:
+        if (name, args.budget, tuple(seeds), str(out)) in done:
             print(f"[sweep] {tag}: done already", flush=True)
             continue
         vdir = out / tag
-        vdir.mkdir(parents=True, exist_ok=True)
-        if not (vdir / "dense").exists():
-            os.symlink(dense_dir, vdir / "dense")
+        link_dense(vdir, {s: dense_dirs[s] for s in seeds})
         cmd = [*satlm, "compare", config, *common, *overrides, f"budget={args.budget}", f"output_dir={vdir}",
-               "resume=true"]
+               "resume=true", f"seeds=[{','.join(map(str, seeds))}]"]
         command = "satlm compare " + " ".join(cmd[len(satlm) + 1:])
         print(f"[sweep] {tag}: {command}", flush=True)
         rc = run(cmd, out / "logs" / f"{tag}.log")
@@ -175,44 +185,37 @@ def main(argv=None) -> int:
             print(f"[sweep] {tag} failed (exit {rc}); see {out / 'logs' / (tag + '.log')}", flush=True)
             continue
         result = json.loads((vdir / "compare.json").read_text())
-        r = row(name, what, command, result, args.budget)
+        r = row(name, what, command, result)
         r["out"] = str(out)
         with open(results, "a") as f:
             f.write(json.dumps(r) + "\n")
-        print(f"[sweep] {tag}: eval loss {100 * (r['eval_loss_ratio'] - 1):+.2f}%, tokens/s {r['speedup']:.2f}x, "
-              f"time to quality {r['time_to_quality']}", flush=True)
+        print(f"[sweep] {tag}: eval loss {r['eval_loss_delta_pct']:+.2f}% +- {r['eval_loss_delta_se_pct']:.2f}%, "
+              f"speedup (interleaved) {r['speedup_interleaved']:.3f}x, time to quality {r['time_to_quality']}",
+              flush=True)
     return 0
 
 
-
-
-def table(out: Path, dense_dir: Path | None = None) -> str:
-    """A markdown table of every finished variant under `out`, against `dense_dir` (default out/dense; a second,
-    undisturbed dense run of the same config gives the same losses and cleaner times)."""
-    from satlm.recipes.quality import quality_metrics
-
-    dense_dir = dense_dir or out / "dense"
-    dense = json.loads((dense_dir / "summary.json").read_text())
-    lines = ["| variant | what | eval loss | vs dense | tokens/s vs dense (of medians) | time to quality "
-             "| tokens to quality |",
-             "|---|---|---|---|---|---|---|",
-             f"| dense | | {dense['eval_loss']:.4f} | | 1.00x ({dense['tokens_per_second']:.0f} tokens/s; median "
-             f"{dense['tokens_per_second_median']:.0f}) | 1.00 | 1.00 |"]
-    for vdir in sorted(p for p in out.iterdir() if (p / "compare.json").is_file()):
-        sat = json.loads((vdir / "sat" / "summary.json").read_text())
-        q = quality_metrics(dense_dir, vdir / "sat", dense)
-        name = vdir.name
-        what = VARIANTS.get(name.removesuffix("-time"), ("", ""))[1]
-        ttq = "never" if q["time_to_quality"] is None else f"{q['time_to_quality']:.2f}"
-        tkq = "never" if q["tokens_to_quality"] is None else f"{q['tokens_to_quality']:.2f}"
-        lines.append(f"| {name} | {what} | {sat['eval_loss']:.4f} | {100 * (sat['eval_loss'] / dense['eval_loss'] - 1):+.2f}% "
-                     f"| {sat['tokens_per_second'] / dense['tokens_per_second']:.2f}x "
-                     f"({sat['tokens_per_second_median'] / dense['tokens_per_second_median']:.2f}x) | {ttq} | {tkq} |")
+def table(path: Path) -> str:
+    """A markdown table of the rows of a results file (the last row of each variant and seeds)."""
+    rows: dict = {}
+    for r in map(json.loads, path.read_text().splitlines()):
+        rows[(r["variant"], r["budget"], tuple(r["seeds"]))] = r
+    lines = ["| variant | what | seeds | eval loss vs dense (paired, mean +- SE) | per seed | speedup (interleaved, "
+             "IQR) | time to quality | mean MLP rate |", "|---|---|---|---|---|---|---|---|"]
+    for (name, budget, seeds), r in rows.items():
+        lo, hi = r["speedup_interleaved_iqr"] or (None, None)
+        per = ", ".join(f"{d:+.2f}%" for d in r.get("eval_loss_delta_per_seed_pct") or [])
+        ttq = "never" if r["time_to_quality"] is None else f"{r['time_to_quality']:.2f}"
+        rate = "" if r.get("mean_mlp_rate") is None else f"{r['mean_mlp_rate']:.3f}"
+        lines.append(f"| {name}{'' if budget == 'tokens' else ' (budget: time)'} | {r['what']} | "
+                     f"{','.join(map(str, seeds))} | {r['eval_loss_delta_pct']:+.2f}% +- "
+                     f"{r['eval_loss_delta_se_pct']:.2f}% | {per} | {r['speedup_interleaved']:.3f}x "
+                     f"({lo:.3f}-{hi:.3f}) | {ttq} | {rate} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "table":  # quality_sweep.py table OUT [DENSE_DIR]
-        print(table(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None))
+    if len(sys.argv) > 1 and sys.argv[1] == "table":  # quality_sweep.py table RESULTS.jsonl
+        print(table(Path(sys.argv[2])))
         sys.exit(0)
     sys.exit(main())

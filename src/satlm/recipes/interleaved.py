@@ -22,10 +22,12 @@ time_to_quality) and `budget: time`'s step count, so neither depends on what els
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -119,6 +121,26 @@ def steps_for_time(dense_steps: int, fractions_at, ratios: dict[float, float]) -
 
 
 # -- the A/B phase -----------------------------------------------------------------------------------------
+CPU_LOCK_ENV = "SATLM_CPU_LOCK"
+
+
+@contextlib.contextmanager
+def quiet_machine():
+    """While the steps are timed, an exclusive flock on the file $SATLM_CPU_LOCK names (when set): other heavy jobs
+    wrapped in `flock $SATLM_CPU_LOCK ...` wait, so that nothing else runs during the timing (a sweep's training
+    runs and a test suite may share the machine; only the timing needs it alone)."""
+    path = os.environ.get(CPU_LOCK_ENV)
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 def _fingerprint(cfg: RunConfig, steps: int, pairs: int) -> str:
     """What the measurement depends on: the model, the data and batch shape, the SAT settings and the schedule."""
     keys = {"model": cfg.model, "task": cfg.task, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
@@ -188,9 +210,25 @@ def _step(trainer, micro_batches, max_grad_norm: float) -> float:
     return time.perf_counter() - t0
 
 
+def _time_levels(dense, sat, levels: dict[float, int], steps: int, pairs: int, batches, max_grad_norm: float,
+                 times: dict) -> None:
+    """Pairs of steps at each level, the order alternating, after one warm-up pair: times[level] = [(dense s,
+    SAT s), ...]."""
+    from ..modeling.patch import set_sat_step
+
+    for n, (level, step) in enumerate(levels.items()):
+        set_sat_step(sat.model, step, steps)
+        rounds = ([-1] if n == 0 else []) + list(range(pairs))
+        for i in rounds:
+            group = batches[i % len(batches)]
+            order = (dense, sat) if i % 2 == 0 else (sat, dense)
+            t = {id(tr): _step(tr, group, max_grad_norm) for tr in order}
+            if i >= 0:
+                times.setdefault(level, []).append((t[id(dense)], t[id(sat)]))
+
+
 def measure(cfg: RunConfig, steps: int, pairs: int = 4, quiet: bool = False) -> dict:
     """Time dense and SAT steps interleaved at every level of the schedule of a `steps`-step run (module doc)."""
-    from ..modeling.patch import set_sat_step
     from .data import build_datasets
     from .model_io import load_tokenizer, resolve_model_path
 
@@ -210,6 +248,8 @@ def measure(cfg: RunConfig, steps: int, pairs: int = 4, quiet: bool = False) -> 
     tokenizer = load_tokenizer(path)
     data = build_datasets(cfg, tokenizer)
     scratch = Path(tempfile.mkdtemp(prefix="satlm-interleaved-"))
+    lock = quiet_machine()  # from the models' set-up (layer_rates: auto is timed there) to the last pair
+    lock.__enter__()
     try:
         dense, sat = (_trainer(sat_cfg, s, data, tokenizer, path, scratch) for s in (False, True))
         sat_model = sat.model
@@ -228,21 +268,14 @@ def measure(cfg: RunConfig, steps: int, pairs: int = 4, quiet: bool = False) -> 
         if not batches:
             return result
         times: dict[float, list[tuple[float, float]]] = {}
-        for n, (level, step) in enumerate(levels.items()):
-            set_sat_step(sat.model, step, steps)
-            rounds = ([-1] if n == 0 else []) + list(range(pairs))  # one warm-up pair before the first level
-            for i in rounds:
-                group = batches[i % len(batches)]
-                order = (dense, sat) if i % 2 == 0 else (sat, dense)
-                t = {id(tr): _step(tr, group, cfg.max_grad_norm) for tr in order}
-                if i >= 0:
-                    times.setdefault(level, []).append((t[id(dense)], t[id(sat)]))
+        _time_levels(dense, sat, levels, steps, pairs, batches, cfg.max_grad_norm, times)
         from ..modeling.patch import _unwrap
 
         runtime = _unwrap(sat_model).sat_runtime
         sensitivity = runtime.sensitivity or {}
         factors = {str(k): v for k, v in runtime.layer_factors.items()}
     finally:
+        lock.__exit__(None, None, None)
         dense = sat = sat_model = None
         gc.collect()
         shutil.rmtree(scratch, ignore_errors=True)  # satlm's own scratch folder
