@@ -15,7 +15,7 @@ import time
 import torch
 
 import satlm
-from satlm.recipes.model_io import load_model, resolve_model_path
+from satlm.app.model_io import load_model, resolve_model_path
 
 
 def main() -> None:

@@ -115,10 +115,10 @@ def row(name: str, what: str, command: str, result: dict) -> dict:
 def link_dense(vdir: Path, dense_dirs: dict[int, Path]) -> None:
     """vdir/seed-S/dense -> the shared dense run of seed S, in folders marked as satlm comparisons (as `satlm
     compare` marks them), so that compare takes them as its own."""
-    from satlm.recipes.compare import COMPARE_JSON, COMPARE_PNG, MODES
-    from satlm.recipes.interleaved import INTERLEAVED_JSON
-    from satlm.recipes.quality import BUDGET_JSON
-    from satlm.recipes.train import claim_output_dir
+    from satlm.app.compare import COMPARE_JSON, COMPARE_PNG, MODES
+    from satlm.app.interleaved import INTERLEAVED_JSON
+    from satlm.app.quality import BUDGET_JSON
+    from satlm.app.train import claim_output_dir
 
     parts = MODES + tuple(f"seed-{s}" for s in dense_dirs)
     with claim_output_dir(vdir, "compare", writes=(COMPARE_JSON, COMPARE_PNG, BUDGET_JSON, INTERLEAVED_JSON),

@@ -1,4 +1,4 @@
-"""Write the short-answer SFT set (satlm.recipes.corpus.short_answer_pairs) as JSONL, for the packing figures.
+"""Write the short-answer SFT set (satlm.data.corpus.short_answer_pairs) as JSONL, for the packing figures.
 
     python benchmarks/short_sft.py OUT_DIR   # OUT_DIR/short_train.jsonl, OUT_DIR/short_eval.jsonl
 """
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from satlm.recipes.corpus import short_answer_pairs
+from satlm.data.corpus import short_answer_pairs
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)

@@ -32,10 +32,10 @@ def main() -> None:
 
     import satlm
     from satlm.modeling.patch import apply_sat
-    from satlm.recipes.data import build_datasets
-    from satlm.recipes.model_io import load_model, load_tokenizer, resolve_model_path
-    from satlm.recipes.train import training_arguments
-    from satlm.run_config import load_run_config
+    from satlm.data import build_datasets
+    from satlm.app.model_io import load_model, load_tokenizer, resolve_model_path
+    from satlm.app.train import training_arguments
+    from satlm.app.run_config import load_run_config
 
     cfg = load_run_config(args.config, [*args.overrides, "sat.enabled=true", "sat.schedule=constant",
                                         "output_dir=/tmp/satlm-trainer-ab", "report_to=none"])

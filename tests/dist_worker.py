@@ -245,8 +245,8 @@ def run_api(args) -> None:
 def run_recipe(args) -> None:
     from transformers import TrainerCallback
 
-    from satlm.recipes.train import run_train
-    from satlm.run_config import load_run_config
+    from satlm.app.train import run_train
+    from satlm.app.run_config import load_run_config
 
     class StopAt(TrainerCallback):
         def on_step_end(self, targs, state, control, **kwargs):

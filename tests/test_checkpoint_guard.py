@@ -19,11 +19,11 @@ from transformers import TrainerCallback
 
 from satlm.cli import main as cli_main
 from satlm.errors import CheckpointError, NumericalError, RunConfigError
-from satlm.recipes import guard
-from satlm.recipes.guard import GOOD_NAME, FaultGuard, checkpoints, is_good
-from satlm.recipes.recorder import read_jsonl_records
-from satlm.recipes.train import run_train
-from satlm.run_config import load_run_config
+from satlm.app import guard
+from satlm.app.guard import GOOD_NAME, FaultGuard, checkpoints, is_good
+from satlm.app.recorder import read_jsonl_records
+from satlm.app.train import run_train
+from satlm.app.run_config import load_run_config
 
 
 def _config(model_dir, data, out, **extra):
@@ -125,7 +125,7 @@ def test_a_run_shorter_than_logging_steps_ends_with_a_summary(tmp_path, tiny_mod
 
 
 def test_compare_shorter_than_logging_steps_keeps_both_sides(tmp_path, tiny_model_dir, tiny_data, capsys):
-    from satlm.recipes.compare import run_compare
+    from satlm.app.compare import run_compare
 
     out = tmp_path / "cmp"
     result = run_compare(_config(tiny_model_dir, tiny_data, out, max_steps=2, logging_steps=5), quiet=False)
@@ -134,7 +134,7 @@ def test_compare_shorter_than_logging_steps_keeps_both_sides(tmp_path, tiny_mode
 
 
 def test_the_summary_prints_without_a_logged_loss(capsys):
-    from satlm.recipes.train import _print_summary
+    from satlm.app.train import _print_summary
 
     _print_summary({"steps": 2, "tokens": 10, "wall_seconds": 0.0, "tokens_per_second": None, "train_loss": None,
                     "eval_loss": 4.0, "eval_perplexity": 54.6}, "out")
@@ -273,7 +273,7 @@ def test_a_load_error_inside_the_trainer_is_one_line_too(tmp_path, stopped, tiny
     """What check_checkpoint_loads would not catch (it reads headers and pickles, not every byte) is still named."""
     import shutil
 
-    import satlm.recipes.train as train
+    import satlm.app.train as train
 
     out = tmp_path / "run"
     shutil.copytree(stopped, out, symlinks=True)

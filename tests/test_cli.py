@@ -147,7 +147,7 @@ def test_bench_without_its_module_says_so(capsys, monkeypatch):
 
 
 def test_pretrain_base_is_wired(capsys):
-    pytest.importorskip("satlm.recipes.pretrain_base")
+    pytest.importorskip("satlm.app.pretrain_base")
     assert main(["pretrain-base", "--help"]) == 0
     assert "--out" in capsys.readouterr().out
 

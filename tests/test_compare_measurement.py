@@ -10,10 +10,10 @@ import pytest
 import torch
 from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
 
-from satlm.recipes import interleaved
-from satlm.recipes.compare import run_compare
-from satlm.recipes.quality import over_seeds, paired_delta, sat_time_axis, within
-from satlm.run_config import load_run_config
+from satlm.app import interleaved
+from satlm.app.compare import run_compare
+from satlm.app.quality import over_seeds, paired_delta, sat_time_axis, within
+from satlm.app.run_config import load_run_config
 from satlm.errors import RunConfigError
 
 
@@ -164,8 +164,8 @@ def test_interleaved_pairs_below_four_is_refused(tiny_model_dir, tiny_data, tmp_
 def test_evaluate_examples_sums_to_the_token_weighted_loss(tiny_model_dir, tiny_data, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from satlm.recipes.data import build_datasets
-    from satlm.recipes.evaluate import evaluate_examples, evaluate_loss
+    from satlm.data import build_datasets
+    from satlm.app.evaluate import evaluate_examples, evaluate_loss
 
     cfg = _config(tiny_model_dir, tiny_data, tmp_path, task="sft", seq_len=128)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -179,7 +179,7 @@ def test_evaluate_examples_sums_to_the_token_weighted_loss(tiny_model_dir, tiny_
 
 
 def test_seeds_flag_of_compare():
-    from satlm.run_config import parse_run_args
+    from satlm.app.run_config import parse_run_args
 
     cfg = parse_run_args("compare", ["--seeds", "0,1", "max_steps=2"], config_required=False)
     assert cfg.seeds == [0, 1]

@@ -14,9 +14,9 @@ from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fi
 
 from satlm.cli import main as cli_main
 from satlm.errors import ModelLoadError, RunConfigError
-from satlm.recipes import fetch
-from satlm.recipes.model_io import check_model_exists, resolve_model_path
-from satlm.run_config import load_run_config, parse_run_args, read_config_file
+from satlm.app import fetch
+from satlm.app.model_io import check_model_exists, resolve_model_path
+from satlm.app.run_config import load_run_config, parse_run_args, read_config_file
 
 
 # -- YAML ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from satlm.assets import base_model_path
-from satlm.recipes import corpus
+from satlm.data import corpus
 
 DOC_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
@@ -138,7 +138,7 @@ def test_shipped_base_model_loads_with_plain_transformers_and_has_learned_code(m
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = base_model_path()
-    assert (path / "model.safetensors").is_file(), f"no base model in {path}: run satlm.recipes.pretrain_base"
+    assert (path / "model.safetensors").is_file(), f"no base model in {path}: run satlm.app.pretrain_base"
     size = sum(f.stat().st_size for f in path.iterdir())
     assert size < 25 * 2**20
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -160,7 +160,7 @@ def test_shipped_base_model_loads_with_plain_transformers_and_has_learned_code(m
 
 
 def test_short_answer_pairs_answer_with_a_function_name():
-    from satlm.recipes.corpus import short_answer_pairs
+    from satlm.data.corpus import short_answer_pairs
 
     rows = short_answer_pairs("eval")
     assert len(rows) > 100 and all(r["output"].isidentifier() for r in rows)

@@ -10,9 +10,9 @@ import torch
 from tiny_run import make_tokenizer, sentences, write_jsonl
 
 from satlm.errors import DataError
-from satlm.recipes.data import (IGNORE_INDEX, SFTCollator, build_datasets, encode_conversation, load_conversations,
+from satlm.data import (IGNORE_INDEX, SFTCollator, build_datasets, encode_conversation, load_conversations,
                                 load_documents, pack_blocks, split_held_out, to_messages)
-from satlm.run_config import load_run_config
+from satlm.app.run_config import load_run_config
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +284,7 @@ def _rows(ds):
 def test_tokenized_cache_is_built_once_then_read_memory_mapped(tmp_path, tok, monkeypatch, task, packing):
     import numpy as np
 
-    from satlm.recipes import data as data_mod
+    from satlm.data import datasets as data_mod
 
     if task == "cpt":
         path = write_jsonl(tmp_path / "d.jsonl", [{"text": s} for s in sentences(60)])

@@ -22,8 +22,8 @@ from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fi
 
 import dist_worker as W
 from satlm import distributed
-from satlm.recipes.train import run_train
-from satlm.run_config import load_run_config
+from satlm.app.train import run_train
+from satlm.app.run_config import load_run_config
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import pytest
 from tiny_run import make_tokenizer
 
 from satlm.errors import DataError
-from satlm.recipes.data import build_datasets, detect_task, load_conversations, load_documents
-from satlm.recipes.formats import to_messages
-from satlm.run_config import load_run_config
+from satlm.data import build_datasets, detect_task, load_conversations, load_documents
+from satlm.data.formats import to_messages
+from satlm.app.run_config import load_run_config
 
 datasets = pytest.importorskip("datasets")
 

@@ -18,9 +18,9 @@ from tiny_run import (make_tokenizer, run_overrides, sentences, tiny_data, tiny_
 
 from satlm.config import SATConfig, SATConfigError
 from satlm.errors import DataError, ModelLoadError, RunConfigError, SATLMError
-from satlm.recipes.data import build_datasets, ensure_pad_token, load_conversations, load_documents
-from satlm.recipes.model_io import check_run_fits_model
-from satlm.run_config import load_run_config
+from satlm.data import build_datasets, ensure_pad_token, load_conversations, load_documents
+from satlm.app.model_io import check_run_fits_model
+from satlm.app.run_config import load_run_config
 from satlm.schedules import scheduled_rates, unreached_stairs
 
 
@@ -271,7 +271,7 @@ def no_pad_model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.mark.integration
 @pytest.mark.parametrize("task", ["sft", "cpt"])
 def test_training_with_a_tokenizer_without_pad(tmp_path, no_pad_model_dir, tiny_data, task):
-    from satlm.recipes.train import run_train
+    from satlm.app.train import run_train
 
     over = run_overrides(no_pad_model_dir, tiny_data, tmp_path / "run", task=task, max_steps=2,
                          seq_len=128 if task == "sft" else 32)
@@ -433,7 +433,7 @@ def test_run_config_layers_checked_against_the_model_config(tiny_model_dir):
 
 @pytest.mark.integration
 def test_train_with_a_layer_that_does_not_exist_fails_before_training(tmp_path, tiny_model_dir, tiny_data):
-    from satlm.recipes.train import run_train
+    from satlm.app.train import run_train
 
     out = tmp_path / "run"
     cfg = load_run_config(None, run_overrides(tiny_model_dir, tiny_data, out, **{"sat.layers": "[99]"}))

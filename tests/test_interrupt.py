@@ -20,10 +20,10 @@ from transformers import TrainerCallback
 
 from satlm.cli import main as cli_main
 from satlm.errors import CheckpointError, RunConfigError, TrainingInterrupted
-from satlm.recipes import guard
-from satlm.recipes.recorder import read_jsonl_records
-from satlm.recipes.train import run_train
-from satlm.run_config import load_run_config
+from satlm.app import guard
+from satlm.app.recorder import read_jsonl_records
+from satlm.app.train import run_train
+from satlm.app.run_config import load_run_config
 
 STEPS = 8
 # SAT with a schedule that moves at step 4: an exact resume needs the checkpoint's sat_state.pt too.
@@ -139,7 +139,7 @@ def test_a_second_signal_stops_at_once(tmp_path, tiny_model_dir, tiny_data):
 
 
 def test_cli_exit_status_of_an_interrupted_run(monkeypatch, capsys):
-    import satlm.recipes.train as train
+    import satlm.app.train as train
 
     for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         def interrupted(argv, sig=sig):

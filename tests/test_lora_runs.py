@@ -11,8 +11,8 @@ from conftest import sat_config
 from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
 
 from satlm.errors import RunConfigError
-from satlm.recipes.train import run_train
-from satlm.run_config import load_run_config
+from satlm.app.train import run_train
+from satlm.app.run_config import load_run_config
 
 peft = pytest.importorskip("peft")
 

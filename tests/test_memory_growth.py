@@ -34,8 +34,8 @@ def _train(root: Path) -> dict:
     from tiny_run import make_model_dir, write_data
     from transformers import TrainerCallback
 
-    from satlm.recipes.train import run_train
-    from satlm.run_config import load_run_config
+    from satlm.app.train import run_train
+    from satlm.app.run_config import load_run_config
 
     torch.set_num_threads(1)  # tensors this small gain nothing from threads, and other tests may share the cores
     samples: dict[int, int] = {}

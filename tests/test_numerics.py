@@ -11,9 +11,9 @@ from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fi
 from transformers import TrainerCallback
 
 from satlm.errors import NumericalError
-from satlm.recipes.recorder import read_jsonl_records
-from satlm.recipes.train import run_train
-from satlm.run_config import load_run_config
+from satlm.app.recorder import read_jsonl_records
+from satlm.app.train import run_train
+from satlm.app.run_config import load_run_config
 
 
 def _config(model_dir, data, out, **extra):

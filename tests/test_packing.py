@@ -11,9 +11,9 @@ from tiny_run import make_tokenizer, run_overrides, tiny_data, tiny_model_dir  #
 
 import satlm
 from family_models import masked_step, topk_chooser
-from satlm.recipes.data import SFTCollator, build_datasets
-from satlm.recipes.packing import PackedCollator, pack_examples
-from satlm.run_config import load_run_config
+from satlm.data import SFTCollator, build_datasets
+from satlm.data.packing import PackedCollator, pack_examples
+from satlm.app.run_config import load_run_config
 
 
 def examples(n=5, seed=0):

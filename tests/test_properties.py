@@ -20,7 +20,7 @@ from tiny_run import WORDS, make_model_dir, make_tokenizer
 
 from satlm.config import ATTN_UNITS, METRICS, SCHEDULES, SELECTIONS, SOURCES, SATConfig
 from satlm.errors import SATLMError
-from satlm.run_config import TRUNCATIONS, RunConfig, load_run_config
+from satlm.app.run_config import TRUNCATIONS, RunConfig, load_run_config
 
 # derandomize: the same examples in every run, so that CI is reproducible (raise max_examples to explore)
 FAST = settings(max_examples=200, deadline=None, database=None, derandomize=True,
@@ -194,7 +194,7 @@ def data_file(draw, task):
 @given(st.sampled_from(["cpt", "sft"]).flatmap(lambda task: st.tuples(st.just(task), data_file(task), data_file(task))),
        st.sampled_from([2, 5, 16, 32, 64]), st.sampled_from(TRUNCATIONS))
 def test_data_sets_build_or_fail_with_satlm_errors(case, seq_len, truncation):
-    from satlm.recipes.data import build_datasets
+    from satlm.data import build_datasets
 
     task, (train_kind, train), (eval_kind, eval_) = case
     folder = Path(tempfile.mkdtemp(prefix="satlm-prop-"))
@@ -261,7 +261,7 @@ def _base_data(task: str, kind: str) -> bytes:
        st.integers(1, 2), st.sampled_from([16, 64]))
 def test_short_runs_complete_or_fail_with_satlm_errors(prop_model_dir, case, items, max_steps, seq_len):
     """max_steps 1-2 on the tiny model: generated settings, good data with generated records appended."""
-    from satlm.recipes.train import run_train
+    from satlm.app.train import run_train
 
     task, (kind, content) = case
     folder = Path(tempfile.mkdtemp(prefix="satlm-prop-run-"))

@@ -19,7 +19,7 @@ from conftest import sat_config
 import test_dense_forward as dense_ref
 import test_sparse_reference as sparse_ref
 from satlm.errors import ModelLoadError
-from satlm.recipes import fetch
+from satlm.app import fetch
 
 pytestmark = pytest.mark.integration
 NAME = "smollm2-135m"
@@ -114,7 +114,7 @@ def test_real_chatml_template_trains_the_answers_only(real_model_path):
     are each answer and its <|im_end|>, read back independently of satlm's span search."""
     from transformers import AutoTokenizer
 
-    from satlm.recipes.data import IGNORE_INDEX, encode_conversation
+    from satlm.data import IGNORE_INDEX, encode_conversation
 
     tok = AutoTokenizer.from_pretrained(real_model_path)
     turns = [{"role": "user", "content": "What does SAT leave out?"},

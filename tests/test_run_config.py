@@ -10,7 +10,7 @@ import yaml
 
 from satlm.config import SATConfig, SATConfigError
 from satlm.errors import RunConfigError
-from satlm.run_config import (RunConfig, apply_overrides, config_keys, find_config, load_run_config,
+from satlm.app.run_config import (RunConfig, apply_overrides, config_keys, find_config, load_run_config,
                               shipped_configs)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_packaged_and_top_level_configs_are_the_same_files():
 
 @pytest.mark.parametrize("folder", ["package", "configs"])
 def test_every_shipped_config_loads_and_opens_with_its_command(folder):
-    from satlm.recipes.train import check_trainer_args
+    from satlm.app.train import check_trainer_args
 
     files = shipped_configs() if folder == "package" else _yaml_files(TOP_CONFIGS)
     assert files

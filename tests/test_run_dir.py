@@ -20,11 +20,11 @@ from transformers import TrainerCallback
 
 from satlm.cli import main as cli_main
 from satlm.errors import DataError, RunConfigError
-from satlm.recipes import guard
-from satlm.recipes.guard import LOCK_NAME, MARKER_NAME, PREVIOUS_DIR, RunDir, RunLock, claim_output_dir, read_marker
-from satlm.recipes.recorder import read_jsonl_records
-from satlm.recipes.train import run_train
-from satlm.run_config import load_run_config
+from satlm.app import guard
+from satlm.app.guard import LOCK_NAME, MARKER_NAME, PREVIOUS_DIR, RunDir, RunLock, claim_output_dir, read_marker
+from satlm.app.recorder import read_jsonl_records
+from satlm.app.train import run_train
+from satlm.app.run_config import load_run_config
 
 
 def _config(model_dir, data, out, **extra):

@@ -12,11 +12,11 @@ from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fi
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from satlm.errors import RunConfigError
-from satlm.recipes.compare import run_compare
-from satlm.recipes.data import build_datasets
-from satlm.recipes.evaluate import evaluate_loss
-from satlm.recipes.train import run_train
-from satlm.run_config import load_run_config
+from satlm.app.compare import run_compare
+from satlm.data import build_datasets
+from satlm.app.evaluate import evaluate_loss
+from satlm.app.train import run_train
+from satlm.app.run_config import load_run_config
 
 METRIC_FIELDS = ("step", "loss", "lr", "attn_omission_rate", "mlp_omission_rate", "tokens_per_second",
                  "elapsed_seconds")
@@ -196,7 +196,7 @@ def test_sat_callback_in_a_plain_trainer(tmp_path, tiny_model_dir, tiny_data):
 
 
 def test_training_arguments_follow_the_config(tiny_model_dir, tiny_data, tmp_path):
-    from satlm.recipes.train import training_arguments
+    from satlm.app.train import training_arguments
 
     args = training_arguments(_config(tiny_model_dir, tiny_data, tmp_path, task="sft", warmup=0.25, grad_accum=2),
                               "fp32")

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 from .config import SATConfigError, closest_key
 from .errors import SATLMError
 from .modeling.families import UnsupportedModelError
-from .run_config import DEFAULT_COMPARE_CONFIG, parse_run_args  # noqa: F401  (satlm.cli.parse_run_args, as before)
+from .app.run_config import DEFAULT_COMPARE_CONFIG, parse_run_args  # noqa: F401  (satlm.cli.parse_run_args, as before)
 
 EXPECTED_ERRORS = (SATLMError, SATConfigError, UnsupportedModelError)
 
@@ -39,14 +39,14 @@ def _quiet_transformers() -> None:
 
 
 def _train(argv):
-    from .recipes.train import main
+    from .app.train import main
 
     _quiet_transformers()
     main(argv)
 
 
 def _compare(argv):
-    from .recipes.compare import run_compare
+    from .app.compare import run_compare
 
     cfg = parse_run_args("compare", argv, config_required=False)
     _quiet_transformers()
@@ -55,7 +55,7 @@ def _compare(argv):
 
 
 def _eval(argv):
-    from .recipes.evaluate import main
+    from .app.evaluate import main
 
     _quiet_transformers()
     main(argv)
@@ -72,20 +72,20 @@ def _bench(argv):
 
 
 def _pretrain_base(argv):
-    from .recipes.pretrain_base import main
+    from .app.pretrain_base import main
 
     main(argv)
 
 
 def _fetch(argv):
-    from .recipes.fetch import main
+    from .app.fetch import main
 
     _quiet_transformers()
     return main(argv)
 
 
 def _keys(argv):
-    from .run_config import config_keys
+    from .app.run_config import config_keys
 
     print("\n".join(config_keys()))
 

@@ -1,4 +1,4 @@
-"""Package data: the embedded base model (`base/`), made by `python -m satlm.recipes.pretrain_base`."""
+"""Package data: the embedded base model (`base/`), made by `satlm pretrain-base` (satlm.app.pretrain_base)."""
 
 from pathlib import Path
 

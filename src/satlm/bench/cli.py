@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         shape.layers = 1
     model_path = args.model
     if model_path:  # embedded, a name `satlm fetch` knows, a .gguf file, or a folder
-        from ..recipes.model_io import resolve_model_path
+        from ..app.model_io import resolve_model_path
 
         model_path = resolve_model_path(model_path)
     dtype = getattr(torch, args.dtype)

@@ -1,14 +1,14 @@
 """`satlm compare`: the same run dense and with SAT (same data order, same seed), side by side.
 
-    output_dir/dense/  output_dir/sat/   two run directories (see recipes/train.py); with `seeds: [0, 1]`,
+    output_dir/dense/  output_dir/sat/   two run directories (see app/train.py); with `seeds: [0, 1]`,
                                          output_dir/seed-0/dense, output_dir/seed-0/sat, output_dir/seed-1/...
-    output_dir/interleaved.json          the interleaved speed measurement (recipes/interleaved.py)
+    output_dir/interleaved.json          the interleaved speed measurement (app/interleaved.py)
     output_dir/compare.json              speedup_interleaved (+ _iqr): dense over SAT step time, dense and SAT
                                          steps interleaved in this process, for the run as scheduled;
                                          eval_loss_delta_pct (+ _se_pct): SAT's eval loss against dense's,
                                          paired on the same eval tokens (over seeds: their mean and SE);
                                          curves: every eval point of both runs; time_to_quality and
-                                         tokens_to_quality (recipes/quality.py); dense and sat (their summaries);
+                                         tokens_to_quality (app/quality.py); dense and sat (their summaries);
                                          speedup: the two runs' tokens/s ratio (separate processes)
     output_dir/compare.png               loss against tokens and against training time, both runs, with
                                          dense's final eval loss and where SAT first reaches it
@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from ..errors import RunConfigError
-from ..run_config import RunConfig
+from .run_config import RunConfig
 from . import interleaved
 from .model_io import check_run_fits_model, check_supported, resolve_model_path
 from .plots import plot_compare
@@ -84,8 +84,8 @@ def _mean(values) -> float | None:
 
 def paired_eval(cfg: RunConfig, base: Path) -> dict:
     """Both final models' losses on the same eval examples (dense, per example), and the paired delta."""
-    from ..recipes.train import _precision
-    from .data import build_datasets
+    from .train import _precision
+    from ..data import build_datasets
     from .evaluate import evaluate_examples
     from .model_io import load_model, load_tokenizer
 

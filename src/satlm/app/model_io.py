@@ -9,7 +9,7 @@ import torch
 from ..config import SATConfigError
 from ..errors import ModelLoadError, RunConfigError
 from ..modeling.families import UnsupportedModelError
-from ..run_config import EMBEDDED
+from .run_config import EMBEDDED
 
 
 def resolve_model_path(spec: str) -> str:

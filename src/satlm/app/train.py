@@ -36,8 +36,8 @@ import torch
 
 from ..distributed import barrier, is_main_process, on_main_process
 from ..errors import CheckpointError, DataError, NumericalError, RunConfigError
-from ..run_config import RunConfig
-from .data import build_datasets
+from .run_config import RunConfig
+from ..data import build_datasets
 from .evaluate import evaluate_loss
 from .guard import (STAGING_DIR, AtomicCheckpoints, FaultGuard, NothingLeftToTrain, RunDir, catch_stop_signals,
                     check_checkpoint_loads, checkpoint_bytes, checkpoints, disk_full, model_bytes, no_space,
@@ -440,7 +440,7 @@ def _print_summary(s: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """`satlm train CONFIG.yaml [key=value ...] [--resume]`."""
-    from ..run_config import parse_run_args
+    from .run_config import parse_run_args
 
     cfg = parse_run_args("train", argv, config_required=True)
     if cfg is None:

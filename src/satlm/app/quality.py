@@ -12,7 +12,7 @@ Over seeds (a seed sets the data order, the model-side randomness and SAT's sele
     mean + 2 SE <= X.
 time_to_quality: when SAT's eval curve first reaches dense's final eval loss, as a fraction of dense's training
     time, interpolated linearly between eval points; None when it never does. SAT's time is taken from the
-    interleaved step-time ratios (recipes/interleaved.py): step t of its schedule costs 1 / ratio(f_t) dense steps,
+    interleaved step-time ratios (app/interleaved.py): step t of its schedule costs 1 / ratio(f_t) dense steps,
     so the figure does not depend on what else the machine ran during either run. time_to_quality_separate is the
     same from the two runs' own measured train_seconds (separate processes). tokens_to_quality: in training
     tokens. Below 1: SAT gets to dense's quality sooner.
@@ -29,7 +29,7 @@ import math
 import statistics
 from pathlib import Path
 
-from ..run_config import RunConfig
+from .run_config import RunConfig
 from . import interleaved
 from .recorder import EVAL_NAME, read_jsonl_records
 

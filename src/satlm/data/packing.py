@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from ..errors import DataError
 
 IGNORE_INDEX = -100
 
@@ -53,3 +56,26 @@ class PackedCollator:
             positions[i, :n] = torch.as_tensor(b["position_ids"])
             positions[i, n:] = torch.arange(width - n)
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+# -- CPT: documents packed into blocks (the one packer: `satlm pretrain-base` packs its corpus with it too) --
+def _wrap_ids(tokenizer) -> tuple[list[int], list[int]]:
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return ([bos] if bos is not None and bos != eos else []), ([eos] if eos is not None else [])
+
+
+def pack_blocks(docs: list[str], tokenizer, seq_len: int, name: str = "data") -> torch.Tensor:
+    """<bos> doc <eos> <bos> doc <eos> ... cut into (n_blocks, seq_len) int64; the ragged tail is dropped."""
+    head, tail = _wrap_ids(tokenizer)
+    chunks, total = [], 0
+    for start in range(0, len(docs), 512):
+        for ids in tokenizer(docs[start:start + 512], add_special_tokens=False, verbose=False)["input_ids"]:
+            chunks.append(np.asarray(head + ids + tail, dtype=np.int64))
+            total += len(chunks[-1])
+    n_blocks = total // seq_len
+    if n_blocks == 0:
+        raise DataError(f"{name}: {total} tokens, fewer than one block of seq_len={seq_len}")
+    stream = np.concatenate(chunks)[: n_blocks * seq_len]
+    return torch.from_numpy(stream).view(n_blocks, seq_len)
+
+

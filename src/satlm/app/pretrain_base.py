@@ -1,6 +1,6 @@
 """Pretrain the embedded base model: a 5M-parameter Llama (GQA, SwiGLU) on the stdlib's Python code.
 
-    python -m satlm.recipes.pretrain_base --out src/satlm/assets/base
+    python -m satlm.app.pretrain_base --out src/satlm/assets/base
 
 Flat recipe, top to bottom: tokenizer -> packed blocks -> model -> train loop -> held-out evaluation -> save.
 The corpus is `corpus.code_texts` (stdlib sources, docstrings stripped); the prose the CPT demo adapts to
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from . import corpus
+from ..data import corpus
+from ..data.packing import pack_blocks
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<unk>"]  # ids 0..3, in this order
 # 650 steps x 2,048 tokens = 1.3M tokens (~0.6 epoch): 12-15 min at 1,500-1,900 tokens/s on one CPU thread.
@@ -81,16 +82,6 @@ def save_tokenizer(tokenizer, out_dir: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def pack(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
-    """<s> text </s> <s> text </s> ... cut into (n_blocks, block_size); the ragged tail is dropped."""
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    stream = []
-    for ids in encoded:
-        stream += [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
-    n_blocks = len(stream) // block_size
-    return torch.tensor(stream[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
-
-
 def spread(blocks: torch.Tensor, cap: int) -> torch.Tensor:
     """At most `cap` blocks evenly spaced over all of them (the files are in path order; don't take only a-c)."""
     if len(blocks) <= cap:
@@ -129,7 +120,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, floor: float = 0.1) -
 def _default_command(out_dir, steps, max_minutes, seed, threads) -> str:
     args = ["--out", str(out_dir), "--steps", str(steps), "--max-minutes", str(max_minutes), "--seed", str(seed)]
     args += ["--threads", str(threads)] if threads else []
-    return "python -m satlm.recipes.pretrain_base " + shlex.join(args)
+    return "python -m satlm.app.pretrain_base " + shlex.join(args)
 
 
 def pretrain_base(
@@ -170,9 +161,9 @@ def pretrain_base(
     train_texts, eval_texts = corpus.code_texts("train"), corpus.code_texts("eval")
     prose_eval_texts = corpus.prose_texts("eval")
     tokenizer = train_tokenizer(train_texts, vocab_size)
-    train_blocks = pack(tokenizer, train_texts, block_size)  # (N, T)
-    eval_blocks = pack(tokenizer, eval_texts, block_size)
-    prose_blocks = pack(tokenizer, prose_eval_texts, block_size)
+    train_blocks = pack_blocks(train_texts, tokenizer, block_size, "train")  # (N, T)
+    eval_blocks = pack_blocks(eval_texts, tokenizer, block_size, "eval")
+    prose_blocks = pack_blocks(prose_eval_texts, tokenizer, block_size, "prose eval")
     eval_sample, prose_sample = spread(eval_blocks, eval_cap), spread(prose_blocks, eval_cap)
     train_bytes = sum(len(t.encode("utf-8")) for t in train_texts)
     print(
@@ -261,7 +252,7 @@ def pretrain_base(
         "tokenizers": tokenizers.__version__,
         "torch_threads": torch.get_num_threads(),
         "corpus": {
-            "source": "stdlib .py files of the interpreter above (satlm.recipes.corpus), docstrings stripped",
+            "source": "stdlib .py files of the interpreter above (satlm.data.corpus), docstrings stripped",
             "train_files": len(train_texts),
             "eval_files": len(eval_texts),
             "train_bytes": train_bytes,

@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from ..errors import DataError
-from ..run_config import EMBEDDED, TEMPLATES
-from .data import IGNORE_INDEX, build_eval_dataset, collator_for, detect_task, resolve_data
-from .formats import FORMATS, TRAIN_ON
+from .run_config import EMBEDDED, TEMPLATES
+from ..data import IGNORE_INDEX, build_eval_dataset, collator_for, detect_task, resolve_data
+from ..data.formats import FORMATS, TRAIN_ON
 
 
 @torch.no_grad()

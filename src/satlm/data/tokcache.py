@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .fetch import cache_root as satlm_cache_root
+from .readers import cache_root as satlm_cache_root
 from .packing import IGNORE_INDEX
 
 FORMAT = 1  # bump when the rows a config produces change
