@@ -1,17 +1,22 @@
-"""The masked dense reference of the GPU check, self-contained: torch, transformers and satlm's public API only.
+"""The masked dense reference, self-contained: torch, transformers and satlm's public API only.
 
-Nothing here imports pytest or anything from tests/, so that `benchmarks/gpu.sh` runs from a fresh clone with
-only `PYTHONPATH=src` and the dependencies pyproject.toml requires. The reference is written independently of
-satlm's internals:
+One reference for the tests (tests/ import it from here) and the GPU check (benchmarks/gpu_check.py,
+fsdp_check.py). Nothing here imports pytest or anything from tests/, so that `benchmarks/gpu.sh` runs from a
+fresh clone with only `PYTHONPATH=src` and the dependencies pyproject.toml requires. The reference is written
+independently of satlm's internals:
 
-* the plain Hugging Face model runs, with a forward hook on every layer's `mlp.down_proj` and
-  `self_attn.o_proj`;
+* the plain Hugging Face model runs (a causal LM or its bare *Model; a peft model's inner model), with a forward
+  hook on every decoder layer's `self_attn.o_proj` and its MLP's output projection, found by name (`down_proj`,
+  or `c_proj` as in Starcoder2; an MLP without one, a mixture of experts, is left as it is);
 * at each hook the units are ranked by the L2 norm of their activations over the non-padding tokens (the
-  batch's 2-D attention_mask; every token without one) and the top-k kept, or the kept set is given;
+  batch's 2-D attention_mask; every token without one), a KV group by the sum of its heads' norms, and the
+  top-k kept, or the kept set is given;
 * forward="sparse": the projection runs on its input with the omitted units zeroed (MLP channels of the
-  down_proj input; heads = blocks of head_dim columns of the o_proj input);
+  down projection's input; heads = blocks of head_dim columns of the o_proj input);
 * forward="dense": the projection returns `f(h*m) + (f(h) - f(h*m)).detach()`: the exact dense value, with the
-  gradient of the kept units only.
+  gradient of the kept units only (none through an omitted unit, none on its weight columns);
+* f(h*m) is the projection module's own forward (a LoRA layer's base and adapter together), run from the
+  random state its own call started from, so that a dropout inside it draws the same mask.
 
 SAT's kept sets are read back from `satlm.sat_state(model)["layers"]` (entries "attn"/"mlp" with "kept",
 None meaning every unit kept).
@@ -24,6 +29,7 @@ import copy
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -114,64 +120,114 @@ class Step:
     scores: dict = field(default_factory=dict)  # (layer, comp) -> float64 scores as the reference saw them
 
 
-def reference_step(model, data: dict, rate: float, unit: str = "head", forward: str = "sparse",
-                   kept: dict | None = None, autocast: torch.dtype | None = None) -> Step:
+def decoder_layers(model):
+    """The decoder layers of a causal LM or of its bare *Model (`base_model` is the bare model of either)."""
+    return getattr(model, "base_model", model).layers
+
+
+def mlp_out_proj(layer):
+    """The MLP's output projection (down_proj; c_proj in Starcoder2), or None where the MLP has none (a mixture
+    of experts keeps its projections inside the experts)."""
+    mlp = getattr(layer, "mlp", None)
+    for name in ("down_proj", "c_proj"):
+        mod = getattr(mlp, name, None)
+        if isinstance(mod, torch.nn.Module):
+            return mod
+    return None
+
+
+def reference_step(model, data: dict, rate: float | Callable[[int, str], float | None] | None = None,
+                   unit: str = "head", forward: str = "sparse", kept: dict | None = None,
+                   autocast: torch.dtype | None = None, *, attn_rate: float | None = None,
+                   rows: torch.Tensor | None = None) -> Step:
     """Loss, gradients, kept sets and scores of the masked dense reference on the plain HF `model` (which it
-    runs forward and backward; its gradients are cleared first). Units: top-k by L2 over non-padding tokens,
-    or `kept` when given. Scores are recorded either way (for the near-tie report)."""
+    runs forward and backward; its gradients are cleared first).
+
+    Units: `kept[(layer, comp)]` when kept is given, else the top-k by L2 over non-padding tokens at `rate`
+    (heads or KV groups at `attn_rate` when given). rate may also be a function (layer, comp) -> rate, where
+    None leaves that projection as it is. rows (B, T): 1 in the rows the omission applies to (the others keep
+    every unit), which are also the only rows scored. Scores are recorded either way (for the near-tie report).
+    The loss is the model's, or for a bare model (no LM head) the mean square of its last hidden state."""
     if forward not in ("sparse", "dense"):
         raise ValueError(f"forward={forward!r}")
+    if rate is None and kept is None:
+        raise ValueError("reference_step needs a rate or the kept sets")
     model.zero_grad(set_to_none=True)
     ids = data["input_ids"]
     mask2d = data.get("attention_mask")
     token_mask = (mask2d if mask2d is not None else torch.ones_like(ids)).to(torch.float64)
+    if rows is not None:
+        rows = rows.to(device=ids.device, dtype=torch.float64)
+        token_mask = token_mask * rows
     chosen: dict = {}
     scores: dict = {}
+    rng: dict = {}  # projection -> the CPU random state its call started from
     hooks = []
 
-    def apply(mod, h, m, output):
-        if forward == "sparse":
-            return mod.forward(h * m)
-        part = mod.forward(h * m)
-        return part + (output - part).detach()
+    def choose(i, comp, s):
+        """The kept units of layer i's comp from their scores s, or None: that projection is left as it is."""
+        scores[(i, comp)] = s.cpu()
+        if kept is not None:
+            units = sorted(kept[(i, comp)])
+        else:
+            r = rate(i, comp) if callable(rate) else attn_rate if comp == "attn" and attn_rate is not None else rate
+            if r is None:
+                return None
+            units = sorted(s.topk(keep(s.numel(), r)).indices.tolist())
+        chosen[(i, comp)] = units
+        return units
 
-    for i, layer in enumerate(model.model.layers):
+    def remember_rng(mod, args):
+        rng[mod] = torch.get_rng_state()
+
+    def cut(mod, h, m, output):
+        """mod(h) cut to the kept input features m (1 kept, 0 omitted), in the rows the omission applies to."""
+        if rows is not None:
+            m = 1 - rows.to(h.dtype)[..., None] * (1 - m)  # (B, T, features): every feature kept in the others
+        torch.set_rng_state(rng[mod])  # the dropout mask of mod's own call (peft's LoRA dropout), drawn again
+        part = mod.forward(h * m)  # (forward, not mod(...): that would run these hooks again)
+        return part if forward == "sparse" else part + (output - part).detach()
+
+    for i, layer in enumerate(decoder_layers(model)):
         cfg = layer.self_attn.config
         n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
 
         def mlp_hook(mod, args, output, i=i):
             (h,) = args  # (B, T, f): act(gate) * up, the down projection's input
             s = ((h.detach().double() ** 2) * token_mask[..., None]).sum((0, 1)).sqrt()
-            units = sorted(kept[(i, "mlp")]) if kept is not None else sorted(
-                s.topk(keep(h.shape[-1], rate)).indices.tolist())
-            chosen[(i, "mlp")], scores[(i, "mlp")] = units, s.cpu()
+            units = choose(i, "mlp", s)
+            if units is None:
+                return None
             m = torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device)
             m[units] = 1
-            return apply(mod, h, m, output)
+            return cut(mod, h, m, output)
 
         def attn_hook(mod, args, output, i=i, n_h=n_h, n_kv=n_kv):
             (o,) = args  # (B, T, H*hd): per-head attention outputs, head-major columns
             oh = o.detach().view(*o.shape[:2], n_h, -1)
             s = ((oh.double() ** 2) * token_mask[..., None, None]).sum((0, 1, 3)).sqrt()
             if unit == "kv_group":
-                s = s.view(n_kv, -1).sum(1)
-            units = sorted(kept[(i, "attn")]) if kept is not None else sorted(
-                s.topk(keep(s.shape[0], rate)).indices.tolist())
-            chosen[(i, "attn")], scores[(i, "attn")] = units, s.cpu()
+                s = s.view(n_kv, -1).sum(1)  # a group's score: the sum of its heads' norms
+            units = choose(i, "attn", s)
+            if units is None:
+                return None
             m = torch.zeros(n_h, oh.shape[-1], dtype=o.dtype, device=o.device)
             m[group_heads(units, unit, n_h, n_kv)] = 1
-            return apply(mod, o, m.reshape(-1), output)
+            return cut(mod, o, m.reshape(-1), output)
 
-        hooks.append(layer.mlp.down_proj.register_forward_hook(mlp_hook))
-        hooks.append(layer.self_attn.o_proj.register_forward_hook(attn_hook))
+        for mod, hook in ((mlp_out_proj(layer), mlp_hook), (layer.self_attn.o_proj, attn_hook)):
+            if mod is not None:
+                hooks.append(mod.register_forward_pre_hook(remember_rng))
+                hooks.append(mod.register_forward_hook(hook))
     try:
         with autocast_ctx(ids.device, autocast):
-            loss = model(**data).loss
+            out = model(**data)
+            loss = out.loss if getattr(out, "loss", None) is not None else out.last_hidden_state.square().mean()
         loss.backward()
     finally:
         for h in hooks:
             h.remove()
-    return Step(loss.detach().float(), grads_of(model), chosen, scores)
+    return Step(loss.detach(), grads_of(model), chosen, scores)
 
 
 def read_kept(model) -> dict:
@@ -197,7 +253,7 @@ def sat_step(model, data: dict, config, autocast: torch.dtype | None = None, see
     with autocast_ctx(device, autocast):
         loss = model(**data).loss
     loss.backward()
-    return Step(loss.detach().float(), grads_of(model), read_kept(model))
+    return Step(loss.detach(), grads_of(model), read_kept(model))
 
 
 def tie_gap(scores: dict, kept: dict) -> float:

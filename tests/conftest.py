@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+
+# The masked dense reference the tests compare SAT with is benchmarks/reference.py, the one the GPU check runs
+# (from a clone with only PYTHONPATH=src, so it cannot live here): `from reference import reference_step`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # The tokenized-data cache of the tests' runs goes to a folder of this test session, not ~/.cache/satlm
 # (torchrun children inherit it).
@@ -15,7 +21,6 @@ os.environ.setdefault("SATLM_TOKENIZED_CACHE", tempfile.mkdtemp(prefix="satlm-to
 torch.set_num_threads(2)
 
 ARCHS = ("llama", "mistral", "qwen2")
-
 
 
 def sat_config(**kw):
@@ -28,6 +33,7 @@ def sat_config(**kw):
     kw.setdefault("forward", "sparse")
     kw.setdefault("selection", "sample")
     return satlm.SATConfig(**kw)
+
 
 def tiny_model(arch: str = "llama", *, heads: int = 8, kv_heads: int = 2, hidden: int = 64, inter: int = 96,
                layers: int = 2, vocab: int = 128, attn: str = "eager", seed: int = 0, tie: bool = False, **extra):

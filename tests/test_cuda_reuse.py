@@ -6,8 +6,9 @@ here from their schemas (`torch.ops.aten._scaled_dot_product_flash_attention` an
 op returns (the flash kernel's 9-tuple, the efficient kernel's log-sum-exp padded to 32 rows) and asserts
 what each op requires (one dtype for q/k/v; no mask for flash; for the efficient kernel a bias of q's dtype,
 broadcast over (B, H, T, S), its rows aligned to 16 elements, and K/V per query head, where flash takes grouped
-K/V as flash-attention does: a K/V head count that divides the query heads', dk/dv per K/V head). satlm is made to pick them on the CPU; the
-model must then equal the masked dense reference (test_sparse_reference.py) and attend once per layer.
+K/V as flash-attention does: a K/V head count that divides the query heads', dk/dv per K/V head). satlm is made
+to pick them on the CPU; the model must then equal the masked dense reference (benchmarks/reference.py) and
+attend once per layer.
 What this cannot check is the GPU kernels themselves: benchmarks/gpu_check.py does that on a device.
 """
 
@@ -17,12 +18,13 @@ import copy
 
 import pytest
 import torch
+from reference import reference_step, rel_err
 
 import satlm
 import satlm.core.ops as ops
 import satlm.modeling.attention as attention
 from conftest import batch, sat_config, tiny_model
-from test_sparse_reference import reference_step, rel_err, sat_step_applied
+from sat_steps import sat_step_applied
 
 
 def _math(q, k, v, bias, is_causal, scale):
@@ -149,7 +151,7 @@ def test_cuda_kernels_reuse_the_scoring_pass_and_match_the_reference(monkeypatch
     ref_model = copy.deepcopy(model)
     data = batch(t=12, pad=pad)  # T=12: the bias rows need padding to 16
     if forward == "sparse":
-        ref_loss, ref_grads, ref_kept = reference_step(ref_model, data, 0.5, unit)
+        ref = reference_step(ref_model, data, 0.5, unit)
     satlm.apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", selection="topk", metric="l2",
                                       source="current", attn_unit=unit, forward=forward))
     monkeypatch.setattr(attention, "reuse_kernel", _pick({False: "flash", True: "efficient"}))
@@ -171,9 +173,9 @@ def test_cuda_kernels_reuse_the_scoring_pass_and_match_the_reference(monkeypatch
     assert kv_heads == [len(kept[(i, "attn")]) * (1 if kind == "flash" else rep) for i in reversed(range(layers))]
     assert ops.CUDA_REUSE_COUNTS == {kind: layers}
     if forward == "sparse":
-        assert kept == ref_kept
-        assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-        for name, g_ref in ref_grads.items():
+        assert kept == ref.kept
+        assert abs(loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+        for name, g_ref in ref.grads.items():
             assert rel_err(grads[name], g_ref) <= 1e-5, name
     else:  # forward=dense: the same step with the kernels not reused (the recompute path, tested elsewhere)
         monkeypatch.setattr(attention, "reuse_kernel", lambda *a, **k: None)
@@ -202,12 +204,10 @@ def test_autocast_casts_q_k_v_as_sdpa_does(monkeypatch, emulated):
     assert len(emulated.calls) == 2 * model.config.num_hidden_layers
     assert all(g is None or g.dtype == torch.float32 for g in grads.values())
     # against the masked reference under the same autocast, masked with SAT's own kept sets (bf16 near-ties)
-    from test_sparse_reference import masked_step
-
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_loss, ref_grads = masked_step(ref_model, data, kept, "head")
-    assert abs(loss.item() - ref_loss.item()) <= 3e-2 * abs(ref_loss.item())
-    for name, g_ref in ref_grads.items():
+        ref = reference_step(ref_model, data, kept=kept)
+    assert abs(loss.item() - ref.loss.item()) <= 3e-2 * abs(ref.loss.item())
+    for name, g_ref in ref.grads.items():
         if g_ref is not None and g_ref.norm() > 0:
             assert rel_err(grads[name], g_ref) <= 5e-2, name
 
@@ -221,8 +221,7 @@ def test_a_refused_kernel_falls_back_to_the_same_gradients(monkeypatch, emulated
     base = tiny_model(heads=8, kv_heads=kv, attn="sdpa")
     cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", metric="l2", source="current",
                      attn_unit=unit)
-    ref = copy.deepcopy(base)
-    ref_loss, ref_grads, _ = reference_step(ref, data, 0.5, unit)
+    ref = reference_step(copy.deepcopy(base), data, 0.5, unit)
     op = "_EFFICIENT" if kind == "efficient" else "_FLASH_CUDA"
 
     def refuse(*a, **k):
@@ -236,8 +235,8 @@ def test_a_refused_kernel_falls_back_to_the_same_gradients(monkeypatch, emulated
         ops.CUDA_REUSE_COUNTS.clear()
         loss, grads, _ = sat_step_applied(model, data)
         assert ops.CUDA_REUSE_COUNTS.get(f"fallback:{where}") == model.config.num_hidden_layers, where
-        assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-        for name, g_ref in ref_grads.items():
+        assert abs(loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+        for name, g_ref in ref.grads.items():
             assert rel_err(grads[name], g_ref) <= 1e-5, (where, name)
         monkeypatch.undo()
         for name, fn in [("_FLASH_CUDA", emulated.flash), ("_FLASH_CUDA_BACKWARD", emulated.flash_backward),

@@ -1,4 +1,4 @@
-"""forward=dense against a reference written here, independently of satlm's code.
+"""forward=dense against the masked dense reference (benchmarks/reference.py), written independently of satlm's code.
 
 The reference runs the plain HF model. At each down and output projection it keeps the forward exact and
 cuts the backward to the kept units: the projection's output is its value over the whole input H (MLP
@@ -12,95 +12,13 @@ the dense model's loss, the same gradient for every parameter and exactly zero o
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
-import torch
-import torch.nn.functional as F
+from reference import reference_step, rel_err
 
 import satlm
 from conftest import batch, sat_config, tiny_model
-from test_sparse_reference import grads_of
-
-
-def keep(n: int, rate: float) -> int:
-    return max(1, math.floor((1 - rate) * n + 0.5))
-
-
-def _split_linear(module, h, m):
-    """module(h) in value, with the gradient of module(h * m): cut to the kept input features m (1 kept, 0 omitted).
-    (For a plain Linear that is linear(h * m) + linear(h * (1 - m)) with the second term detached; for a LoRA
-    layer the same for its base and adapter together.) Both calls draw the dropout mask (peft's LoRA dropout)
-    that the module's own forward drew: the random state is rewound to before it (see _rng_before)."""
-    state = module._rng_before
-    torch.set_rng_state(state)
-    kept = module.forward(h * m)
-    torch.set_rng_state(state)
-    return kept + (module.forward(h) - kept).detach()
-
-
-def _rng_before(module, args):
-    module._rng_before = torch.get_rng_state()
-
-
-def reference_step(model, data, rate: float, unit: str, attn_rate: float | None = None):
-    """Loss, grads and kept sets of the dense-forward reference (top-k by L2 over non-padding tokens)."""
-    attn_rate = rate if attn_rate is None else attn_rate
-    token_mask = data["attention_mask"].to(torch.float64)
-    kept: dict = {}
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        cfg = layer.self_attn.config
-        n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-
-        def mlp_hook(mod, args, output, i=i):
-            (h,) = args  # (B, T, f), the dense activations
-            score = ((h.detach().double() ** 2) * token_mask[..., None]).sum((0, 1)).sqrt()
-            units = sorted(score.topk(keep(h.shape[-1], rate)).indices.tolist())
-            kept[(i, "mlp")] = units
-            m = torch.zeros(h.shape[-1], dtype=h.dtype)
-            m[units] = 1
-            return _split_linear(mod, h, m)
-
-        def attn_hook(mod, args, output, i=i, n_h=n_h, n_kv=n_kv):
-            (o,) = args  # (B, T, H*hd)
-            oh = o.view(*o.shape[:2], n_h, -1)
-            score = ((oh.detach().double() ** 2) * token_mask[..., None, None]).sum((0, 1, 3)).sqrt()
-            if unit == "kv_group":
-                score = score.view(n_kv, -1).sum(1)
-            units = sorted(score.topk(keep(score.shape[0], attn_rate)).indices.tolist())
-            kept[(i, "attn")] = units
-            rep = n_h // n_kv
-            heads = [g * rep + j for g in units for j in range(rep)] if unit == "kv_group" else units
-            m = torch.zeros(n_h, oh.shape[-1], dtype=o.dtype)
-            m[heads] = 1
-            return _split_linear(mod, o, m.reshape(-1))
-
-        for mod, hook in ((layer.mlp.down_proj, mlp_hook), (layer.self_attn.o_proj, attn_hook)):
-            hooks.append(mod.register_forward_pre_hook(_rng_before))
-            hooks.append(mod.register_forward_hook(hook))
-    loss = model(**data).loss
-    loss.backward()
-    for h in hooks:
-        h.remove()
-    return loss.detach(), grads_of(model), kept
-
-
-def sat_step(model, data, config):
-    satlm.apply_sat(model, config)
-    loss = model(**data).loss
-    loss.backward()
-    grads = grads_of(model)
-    kept = {}
-    for entry in satlm.sat_state(model)["layers"]:
-        for comp in ("mlp", "attn"):
-            e = entry[comp]
-            kept[(entry["layer"], comp)] = e["kept"] if e["kept"] is not None else list(range(e["n_units"]))
-    return loss.detach(), grads, kept
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from sat_steps import sat_step
 
 
 CASES = [
@@ -123,16 +41,16 @@ def test_dense_forward_matches_reference(arch, heads, kv, impl, extra, unit, rat
     ref_model, plain = copy.deepcopy(model), copy.deepcopy(model)
     data = batch()
     dense_loss = plain(**data).loss.detach()
-    ref_loss, ref_grads, ref_kept = reference_step(ref_model, data, rate, unit)
+    ref = reference_step(ref_model, data, rate, unit, "dense")
     cfg = sat_config(omission_rate=rate, schedule="constant", selection="topk", metric="l2",
                      source="current", attn_unit=unit, forward="dense")
     loss, grads, kept = sat_step(model, data, cfg)
 
-    assert kept == ref_kept
+    assert kept == ref.kept
     # The step's loss is the dense model's, and the reference's (which is dense too).
     assert abs(loss.item() - dense_loss.item()) <= 1e-6 * abs(dense_loss.item())
-    assert abs(ref_loss.item() - dense_loss.item()) <= 1e-6 * abs(dense_loss.item())
-    for name, g_ref in ref_grads.items():
+    assert abs(ref.loss.item() - dense_loss.item()) <= 1e-6 * abs(dense_loss.item())
+    for name, g_ref in ref.grads.items():
         assert rel_err(grads[name], g_ref) <= 1e-5, name
 
     n_h, n_kv = heads, kv
@@ -180,13 +98,13 @@ def test_dense_forward_with_separate_rates_and_heads_off():
     model = tiny_model()
     ref_model = copy.deepcopy(model)
     data = batch()
-    ref_loss, ref_grads, ref_kept = reference_step(ref_model, data, 0.5, "head", attn_rate=0.0)
+    ref = reference_step(ref_model, data, 0.5, "head", "dense", attn_rate=0.0)
     cfg = sat_config(omission_rate=0.5, attn_omission_rate=0.0, schedule="constant", selection="topk",
                      forward="dense")
     loss, grads, kept = sat_step(model, data, cfg)
-    assert kept == ref_kept
-    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
-    for name, g_ref in ref_grads.items():
+    assert kept == ref.kept
+    assert abs(loss.item() - ref.loss.item()) <= 1e-6 * abs(ref.loss.item())
+    for name, g_ref in ref.grads.items():
         assert rel_err(grads[name], g_ref) <= 1e-5, name
 
 
@@ -195,12 +113,12 @@ def test_dense_forward_under_gradient_checkpointing_matches_reference():
     model = tiny_model(attn="sdpa")
     ref_model = copy.deepcopy(model)
     data = batch()
-    ref_loss, ref_grads, _ = reference_step(ref_model, data, 0.5, "head")
+    ref = reference_step(ref_model, data, 0.5, "head", "dense")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", forward="dense")
     loss, grads, _ = sat_step(model, data, cfg)
-    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
-    for name, g_ref in ref_grads.items():
+    assert abs(loss.item() - ref.loss.item()) <= 1e-6 * abs(ref.loss.item())
+    for name, g_ref in ref.grads.items():
         assert rel_err(grads[name], g_ref) <= 1e-5, name
 
 

@@ -2,8 +2,8 @@
 
 A tiny random model of each family (GQA, padding, sliding windows shorter than the sequence, biases and norm
 weights set) takes one SAT step: paper mode with both forwards and history mode, both attention units; the loss
-and every parameter's gradient must equal the reference's (tests/family_models.py), which cuts omitted units at
-the input of the attention's o_proj and the MLP's down projection, found by name.
+and every parameter's gradient must equal the masked dense reference's, which cuts omitted units at
+the input of the attention's o_proj and the MLP's down projection, found by name (benchmarks/reference.py).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import copy
 
 import pytest
 import torch
+from reference import decoder_layers, reference_step, rel_err
 
 import satlm
 from conftest import sat_config
-from family_models import (FAMILY_CONFIGS, FAMILY_TOLERANCE, TOLERANCE, family_dtype, family_model, fixed_chooser,
-                           layers_of, masked_step, topk_chooser)
+from family_models import FAMILY_CONFIGS, FAMILY_TOLERANCE, TOLERANCE, family_dtype, family_model
 from satlm.modeling.families import FAMILIES, UnsupportedModelError
 
 FAMILY_TYPES = sorted(FAMILY_CONFIGS)
@@ -33,10 +33,6 @@ def batch(b: int = 3, t: int = 12, bare: bool = False):
     if not bare:
         data["labels"] = ids.masked_fill(mask == 0, -100)
     return data
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def sat_step(model, data, bare: bool):
@@ -74,13 +70,10 @@ def run_case(model_type: str, mode: str, unit: str, rate: float = 0.5, bare: boo
     cfg = sat_config(omission_rate=rate, schedule="constant", selection="topk", source=source,
                      forward=forward, attn_unit=unit)
     if source == "current":
-        ref_model = copy.deepcopy(model)
-        kept_ref: dict = {}
-        ref_loss, ref_grads = masked_step(ref_model, data, model_type, unit,
-                                          topk_chooser(data, rate, unit, n_kv, kept_ref), forward == "dense")
+        ref = reference_step(copy.deepcopy(model), data, rate, unit, forward)
         satlm.apply_sat(model, cfg)
         loss, grads, kept = sat_step(model, data, bare)
-        assert kept == kept_ref
+        assert kept == ref.kept
     else:
         satlm.apply_sat(model, cfg)
         sat_step(model, seed_data, bare)  # seeds the history statistics
@@ -88,11 +81,11 @@ def run_case(model_type: str, mode: str, unit: str, rate: float = 0.5, bare: boo
         loss, grads, kept = sat_step(model, data, bare)
         satlm.remove_sat(model)
         model.zero_grad(set_to_none=True)
-        ref_loss, ref_grads = masked_step(model, data, model_type, unit, fixed_chooser(kept))
+        ref = reference_step(model, data, unit=unit, kept=kept)
     assert any(len(v) < (model.config.num_attention_heads if c == "attn" and unit == "head" else n_kv
                          if c == "attn" else 96) for (_, c), v in kept.items())
     tol = FAMILY_TOLERANCE.get(model_type, TOLERANCE[family_dtype(model_type)])
-    assert_same(loss, grads, ref_loss, ref_grads, tol)
+    assert_same(loss, grads, ref.loss, ref.grads, tol)
     return model, kept
 
 
@@ -109,7 +102,7 @@ def test_bare_model_is_the_same_entry(model_type):
     run_case(model_type, "current-sparse", "head", bare=True)
 
 
-def test_table_covers_the_issue_families_and_each_class_builds():
+def test_table_covers_every_tested_family_and_each_class_builds():
     for model_type in FAMILY_TYPES:
         assert model_type in FAMILIES, model_type
         layout = FAMILIES[model_type]
@@ -121,10 +114,10 @@ def test_mixture_of_experts_keeps_experts_dense():
     """Mixtral: attention heads are sparsified, every (expert) MLP is left alone; Qwen3-MoE: its dense layer's MLP
     (mlp_only_layers) is wrapped too."""
     mixtral = satlm.apply_sat(family_model("mixtral"), sat_config(omission_rate=0.5))
-    assert all(type(layer.mlp).__name__ == "MixtralSparseMoeBlock" for layer in layers_of(mixtral))
-    assert all(isinstance(layer.self_attn, satlm.SATAttention) for layer in layers_of(mixtral))
+    assert all(type(layer.mlp).__name__ == "MixtralSparseMoeBlock" for layer in decoder_layers(mixtral))
+    assert all(isinstance(layer.self_attn, satlm.SATAttention) for layer in decoder_layers(mixtral))
     qwen = satlm.apply_sat(family_model("qwen3_moe"), sat_config(omission_rate=0.5))
-    kinds = [type(layer.mlp).__name__ for layer in layers_of(qwen)]
+    kinds = [type(layer.mlp).__name__ for layer in decoder_layers(qwen)]
     assert kinds == ["Qwen3MoeSparseMoeBlock", "SATMLP"]
 
 
@@ -145,11 +138,11 @@ def test_unknown_and_refused_families_name_what_is_missing():
 def test_self_check_refuses_an_unhandled_submodule():
     """A norm the layout does not know, added to an attention, is refused before anything is wrapped."""
     model = family_model("llama")
-    layers_of(model)[1].self_attn.extra_norm = torch.nn.LayerNorm(16)
+    decoder_layers(model)[1].self_attn.extra_norm = torch.nn.LayerNorm(16)
     with pytest.raises(UnsupportedModelError, match=r"layers\[1\]\.self_attn.*extra_norm"):
         satlm.apply_sat(model, sat_config(omission_rate=0.5))
     assert not hasattr(model, "sat_runtime")
-    assert all(type(layer.self_attn).__name__ == "LlamaAttention" for layer in layers_of(model))
+    assert all(type(layer.self_attn).__name__ == "LlamaAttention" for layer in decoder_layers(model))
 
 
 def test_self_check_refuses_a_module_whose_computation_the_layout_misses(monkeypatch):

@@ -1,9 +1,11 @@
 """The quality levers (schedule by LR, per-layer rates, whole-layer backward skipping, loss tokens dense, skipped
-updates of omitted units) against references written here from the plain HF model, and their FLOPs.
+updates of omitted units) against references from the plain HF model, and their FLOPs.
 
-The references use only the plain model and hooks: at a layer's down projection the kept channels are the top-k by
-the L2 norm of the activations over the tokens that count; `dense` keeps the projection's value over every channel
-and cuts its gradient to the kept ones (f(h m) + (f(h) - f(h m)).detach()), `sparse` returns f(h m).
+The references use only the plain model and hooks. Channel omission is checked against the masked dense reference
+(benchmarks/reference.py), on the MLPs only: at a layer's down projection the kept channels are the top-k by the
+L2 norm of the activations over the tokens that count; `dense` keeps the projection's value over every channel
+and cuts its gradient to the kept ones (f(h m) + (f(h) - f(h m)).detach()), `sparse` returns f(h m). Layer
+dropping is checked against a reference written here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from reference import grads_of, keep, reference_step
 from torch.utils.flop_counter import FlopCounterMode
 
 import satlm
@@ -24,12 +26,9 @@ from satlm.schedules import mean_rate, scheduled_rates, stair_index
 D, FF, H, KV, T, B, V, L = 64, 96, 4, 2, 16, 3, 128, 3
 
 
-def keep(n: int, rate: float) -> int:
-    return max(1, math.floor((1 - rate) * n + 0.5))
-
-
-def grads_of(model) -> dict:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+def trained(grads: dict) -> dict:
+    """The gradients that exist (a layer whose backward was skipped has none)."""
+    return {n: g for n, g in grads.items() if g is not None}
 
 
 def assert_same_grads(got: dict, ref: dict, tol: float = 1e-5):
@@ -45,38 +44,16 @@ def model_and_data(layers: int = L, attn: str = "eager", seed: int = 0):
     return model, batch(vocab=V, b=B, t=T)
 
 
-def mlp_reference(model, data, rate_of_layer, forward: str = "dense", rows_of=None):
-    """Loss and gradients with each layer's MLP channels cut as the module doc says; rows_of(h): the (B, T) rows
-    whose omission applies (default: every row) and the tokens scored (the real tokens among them)."""
-    token = data["attention_mask"].to(torch.float64)
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        rate = rate_of_layer(i)
-
-        def hook(mod, args, output, rate=rate):
-            (h,) = args
-            rows = rows_of(h) if rows_of is not None else torch.ones(h.shape[:2], dtype=torch.float64)
-            score = ((h.detach().double() ** 2) * (token * rows)[..., None]).sum((0, 1)).sqrt()
-            rows = rows.to(h.dtype)
-            m = torch.zeros(h.shape[-1], dtype=h.dtype)
-            m[score.topk(keep(h.shape[-1], rate)).indices] = 1
-            m = 1 - rows[..., None] * (1 - m)  # (B, T, f): the cut in the rows it applies to, 1 elsewhere
-            cut = F.linear(h * m, mod.weight, mod.bias)  # (calling mod here would run this hook again)
-            return cut if forward == "sparse" else cut + (output - cut).detach()
-
-        hooks.append(layer.mlp.down_proj.register_forward_hook(hook))
-    loss = model(**data).loss
-    loss.backward()
-    for h in hooks:
-        h.remove()
-    return loss.detach(), grads_of(model)
+def mlp_rate(rate_of_layer):
+    """The reference's rate for the MLPs only (rate_of_layer(layer)); the attention left as it is."""
+    return lambda i, comp: rate_of_layer(i) if comp == "mlp" else None
 
 
 def sat_step(model, data, **config):
     satlm.apply_sat(model, satlm.SATConfig(schedule="constant", **config))
     loss = model(**data).loss
     loss.backward()
-    return loss.detach(), grads_of(model)
+    return loss.detach(), trained(grads_of(model))
 
 
 def step_flops(model, data) -> int:
@@ -165,11 +142,11 @@ def test_mean_rate_of_a_ladder_and_its_flop_matched_constant():
 def test_layer_rates_match_the_reference(forward):
     factors = [0.0, 1.5, 0.5]
     model, data = model_and_data()
-    ref = copy.deepcopy(model)
+    plain = copy.deepcopy(model)
     loss, grads = sat_step(model, data, omission_rate=0.5, forward=forward, layer_rates=factors)
-    ref_loss, ref_grads = mlp_reference(ref, data, lambda i: 0.5 * factors[i], forward)
-    assert torch.allclose(loss, ref_loss, rtol=1e-10)
-    assert_same_grads(grads, ref_grads)
+    ref = reference_step(plain, data, mlp_rate(lambda i: 0.5 * factors[i]), forward=forward)
+    assert torch.allclose(loss, ref.loss, rtol=1e-10)
+    assert_same_grads(grads, trained(ref.grads))
     kept = [e["mlp"]["kept_count"] for e in satlm.sat_state(model)["layers"]]
     assert kept == [None, keep(FF, 0.75), keep(FF, 0.25)]  # layer 0 dense (factor 0)
 
@@ -197,20 +174,7 @@ def test_layer_rates_are_checked_against_the_model():
 
 def _thinned_loss(model, data, layer: int, rate: float) -> float:
     """The reference's loss with only `layer`'s lowest-L2 channels omitted from the forward."""
-    token = data["attention_mask"].to(torch.float64)
-
-    def hook(mod, args):
-        (h,) = args
-        score = ((h ** 2) * token[..., None]).sum((0, 1)).sqrt()
-        m = torch.zeros(h.shape[-1], dtype=h.dtype)
-        m[score.topk(keep(h.shape[-1], rate)).indices] = 1
-        return (h * m,)
-
-    handle = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(hook)
-    with torch.no_grad():
-        loss = float(model(**data).loss)
-    handle.remove()
-    return loss
+    return float(reference_step(model, data, mlp_rate(lambda i: rate if i == layer else None)).loss)
 
 
 def test_auto_layer_rates_measure_each_layers_loss_increase_and_spend_the_rate_where_it_costs_least():
@@ -250,7 +214,7 @@ def test_measuring_leaves_training_as_it_would_have_been():
     twin_loss = twin(**data).loss
     twin_loss.backward()
     assert loss.item() == twin_loss.item()
-    assert_same_grads(grads_of(model), grads_of(twin), tol=0.0)
+    assert_same_grads(trained(grads_of(model)), trained(grads_of(twin)), tol=0.0)
 
 
 # -- c. whole-layer backward skipping ---------------------------------------------------------------------
@@ -269,7 +233,7 @@ def drop_reference(model, data, dropped: set[int]):
     loss.backward()
     for h in hooks:
         h.remove()
-    return loss.detach(), grads_of(model)
+    return loss.detach(), trained(grads_of(model))
 
 
 def test_layer_drop_skips_whole_layers_backward_as_the_reference():
@@ -352,12 +316,12 @@ def test_loss_tokens_dense_matches_the_reference(forward, unfused):
     extra = {"hidden_act": "gelu"} if unfused else {}
     model = tiny_model("llama", hidden=D, inter=FF, heads=H, kv_heads=KV, layers=2, vocab=V, **extra)
     data = sft_batch()
-    ref = copy.deepcopy(model)
+    plain = copy.deepcopy(model)
     loss, grads = sat_step(model, data, omission_rate=0.5, forward=forward, loss_tokens_dense=True)
     other = 1 - _loss_rows(data)  # omission applies to the rows that carry no loss
-    ref_loss, ref_grads = mlp_reference(ref, data, lambda i: 0.5, forward, rows_of=lambda h: other)
-    assert torch.allclose(loss, ref_loss, rtol=1e-10)
-    assert_same_grads(grads, ref_grads)
+    ref = reference_step(plain, data, mlp_rate(lambda i: 0.5), forward=forward, rows=other)
+    assert torch.allclose(loss, ref.loss, rtol=1e-10)
+    assert_same_grads(grads, trained(ref.grads))
 
 
 def test_loss_tokens_dense_flops():

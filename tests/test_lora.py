@@ -14,10 +14,11 @@ import copy
 import pytest
 import torch
 
+from reference import grads_of, reference_step, rel_err
+
 import satlm
-import test_dense_forward as dense_ref
-import test_sparse_reference as sparse_ref
 from conftest import batch, sat_config, tiny_model
+from sat_steps import kept_of
 from satlm import UnsupportedModelError
 
 peft = pytest.importorskip("peft")
@@ -62,23 +63,14 @@ def check(loss, grads, ref_loss, ref_grads, tol=1e-10):
             assert g is None, f"{name} is frozen but got a gradient"
             continue
         assert g is not None, f"{name} got no gradient"
-        assert (g - g_ref).norm() <= tol * g_ref.norm() + 1e-14, (name, sparse_ref.rel_err(g, g_ref))
+        assert (g - g_ref).norm() <= tol * g_ref.norm() + 1e-14, (name, rel_err(g, g_ref))
 
 
 def step(model, data, seed=5):
     torch.manual_seed(seed)  # the LoRA dropout masks
     loss = model(**data).loss
     loss.backward()
-    return loss.detach(), sparse_ref.grads_of(hf(model))
-
-
-def kept_of(model):
-    kept = {}
-    for entry in satlm.sat_state(model)["layers"]:
-        for comp in ("mlp", "attn"):
-            e = entry[comp]
-            kept[(entry["layer"], comp)] = e["kept"] if e["kept"] is not None else list(range(e["n_units"]))
-    return kept
+    return loss.detach(), grads_of(hf(model))
 
 
 def run(mode: str, target: str = "all-linear", order: str = "peft-first", dropout: float = 0.0, unit="head",
@@ -92,13 +84,12 @@ def run(mode: str, target: str = "all-linear", order: str = "peft-first", dropou
         ref_model = copy.deepcopy(model)
         if order == "sat-first":
             satlm.remove_sat(ref_model)
-        ref = dense_ref if forward == "dense" else sparse_ref
         torch.manual_seed(5)
-        ref_loss, ref_grads, ref_kept = ref.reference_step(hf(ref_model), data, 0.5, unit)
+        ref = reference_step(hf(ref_model), data, 0.5, unit, forward)
         if order == "peft-first":
             satlm.apply_sat(model, cfg)
         loss, grads = step(model, data)
-        assert kept_of(model) == ref_kept
+        assert kept_of(model) == ref.kept
     else:
         if order == "peft-first":
             satlm.apply_sat(model, cfg)
@@ -109,8 +100,8 @@ def run(mode: str, target: str = "all-linear", order: str = "peft-first", dropou
         satlm.remove_sat(model)
         model.zero_grad(set_to_none=True)
         torch.manual_seed(5)
-        ref_loss, ref_grads = sparse_ref._masked_run(hf(model), data, unit, lambda i, comp, a: kept[(i, comp)])
-    check(loss, grads, ref_loss, ref_grads)
+        ref = reference_step(hf(model), data, unit=unit, kept=kept)
+    check(loss, grads, ref.loss, ref.grads)
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))

@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from reference import reference_step
 from tiny_run import make_tokenizer, run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
 
 import satlm
-from family_models import masked_step, topk_chooser
 from satlm.data import SFTCollator, build_datasets
 from satlm.data.packing import PackedCollator, pack_examples
 from satlm.app.run_config import load_run_config
@@ -39,7 +39,7 @@ def test_rows_hold_whole_examples_and_restart_positions():
 
 def test_packed_batch_equals_the_padded_batch_for_a_plain_model():
     """The packed forward computes each example as alone: the same summed loss as a padded batch."""
-    from conftest import sat_config, tiny_model
+    from conftest import tiny_model
 
     model = tiny_model(attn="sdpa").eval()
     ex = examples()
@@ -60,22 +60,20 @@ def test_packed_batch_equals_the_padded_batch_for_a_plain_model():
 @pytest.mark.parametrize("mode", ["current-sparse", "current-dense", "history-sparse"])
 def test_sat_on_packed_batches_matches_the_reference(mode):
     from conftest import sat_config
-    from family_models import family_model, fixed_chooser
+    from family_models import family_model
 
     source, forward = mode.split("-")
     model = family_model("llama", heads=4, kv_heads=2)
     data = PackedCollator(0)(pack_examples(examples(8), 24))
-    chooser_data = {"attention_mask": torch.ones_like(data["input_ids"])}  # every token counts
+    # a packed batch has no attention_mask (position_ids separate its examples): the reference scores every token
     cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", source=source, forward=forward)
     if source == "current":
-        kept_ref: dict = {}
-        ref_loss, ref_grads = masked_step(copy.deepcopy(model), data, "llama", "head",
-                                          topk_chooser(chooser_data, 0.5, "head", 2, kept_ref), forward == "dense")
+        ref = reference_step(copy.deepcopy(model), data, 0.5, "head", forward)
         satlm.apply_sat(model, cfg)
         loss = model(**data).loss
         loss.backward()
         kept = {(e["layer"], c): e[c]["kept"] for e in satlm.sat_state(model)["layers"] for c in ("attn", "mlp")}
-        assert kept == kept_ref
+        assert kept == ref.kept
         grads = {n: p.grad for n, p in model.named_parameters()}
     else:
         satlm.apply_sat(model, cfg)
@@ -87,9 +85,9 @@ def test_sat_on_packed_batches_matches_the_reference(mode):
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         satlm.remove_sat(model)
         model.zero_grad(set_to_none=True)
-        ref_loss, ref_grads = masked_step(model, data, "llama", "head", fixed_chooser(kept))
-    assert abs(loss.item() - ref_loss.item()) <= 1e-9 * abs(ref_loss.item())
-    for name, g in ref_grads.items():
+        ref = reference_step(model, data, kept=kept)
+    assert abs(loss.item() - ref.loss.item()) <= 1e-9 * abs(ref.loss.item())
+    for name, g in ref.grads.items():
         assert (grads[name] - g).norm() <= 1e-9 * g.norm() + 1e-13, name
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from reference import reference_step, rel_err
+
 import satlm
-import test_dense_forward as dense_ref
-import test_sparse_reference as sparse_ref
 from conftest import batch, sat_config, tiny_model
+from sat_steps import history_step_and_reference, sat_step
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FROZEN_SETS = [
@@ -46,7 +46,7 @@ def check(grads: dict, ref_grads: dict, frozen_names: set) -> None:
             assert grads[name] is None and g_ref is None, f"{name} is frozen but got a gradient"
         else:
             assert grads[name] is not None, f"{name} is trainable but got no gradient"
-            assert sparse_ref.rel_err(grads[name], g_ref) <= 1e-5, name
+            assert rel_err(grads[name], g_ref) <= 1e-5, name
 
 
 @pytest.mark.parametrize("frozen", FROZEN_SETS, ids=lambda f: "+".join(f))
@@ -58,17 +58,15 @@ def test_frozen_subset_matches_reference(frozen, mode):
     assert frozen_names
     data = batch()
     if mode == "history":
-        (loss, grads, _), (ref_loss, ref_grads) = sparse_ref.history_step_and_reference(
-            model, data, batch(seed=3), 0.5, "head")
+        (loss, grads, _), ref = history_step_and_reference(model, data, batch(seed=3), 0.5, "head")
     else:
         forward = "dense" if mode == "current-dense" else "sparse"
-        ref = dense_ref if forward == "dense" else sparse_ref
-        ref_loss, ref_grads, ref_kept = ref.reference_step(copy.deepcopy(model), data, 0.5, "head")
+        ref = reference_step(copy.deepcopy(model), data, 0.5, "head", forward)
         cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", forward=forward)
-        loss, grads, kept = sparse_ref.sat_step(model, data, cfg)
-        assert kept == ref_kept
-    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-    check(grads, ref_grads, frozen_names)
+        loss, grads, kept = sat_step(model, data, cfg)
+        assert kept == ref.kept
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    check(grads, ref.grads, frozen_names)
 
 
 def test_history_frozen_gets_no_gradient():

@@ -13,13 +13,12 @@ import os
 
 import pytest
 import torch
+from reference import reference_step, rel_err
 
-import satlm
 from conftest import sat_config
-import test_dense_forward as dense_ref
-import test_sparse_reference as sparse_ref
-from satlm.errors import ModelLoadError
+from sat_steps import sat_step
 from satlm.app import fetch
+from satlm.errors import ModelLoadError
 
 pytestmark = pytest.mark.integration
 NAME = "smollm2-135m"
@@ -82,14 +81,13 @@ def test_sat_on_the_real_model_matches_the_reference(real_model_path, forward):
     """The first 4 layers of the real model (9 heads / 3 KV, d=576), padded batch: loss and every gradient."""
     model = _model(real_model_path, layers=4)
     data = _batch(real_model_path, TEXTS)
-    ref = dense_ref if forward == "dense" else sparse_ref
-    ref_loss, ref_grads, ref_kept = ref.reference_step(copy.deepcopy(model), data, 0.5, "head")
+    ref = reference_step(copy.deepcopy(model), data, 0.5, "head", forward)
     cfg = sat_config(omission_rate=0.5, schedule="constant", selection="topk", forward=forward)
-    loss, grads, kept = sparse_ref.sat_step(model, data, cfg)
-    assert kept == ref_kept
-    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-    for name, g_ref in ref_grads.items():
-        assert sparse_ref.rel_err(grads[name], g_ref) <= 1e-4, name
+    loss, grads, kept = sat_step(model, data, cfg)
+    assert kept == ref.kept
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    for name, g_ref in ref.grads.items():
+        assert rel_err(grads[name], g_ref) <= 1e-4, name
 
 
 def test_compare_on_the_real_model_reports_time_to_quality(real_model_path, tmp_path, capsys):

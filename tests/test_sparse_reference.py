@@ -1,4 +1,5 @@
-"""Paper mode against a masked dense reference written here, independently of satlm's code.
+"""Paper mode (forward="sparse") and history mode against the masked dense reference (benchmarks/reference.py),
+written independently of satlm's code.
 
 The reference runs the plain HF model and multiplies the outputs of omitted units by zero just before
 the down and output projections, choosing them by L2 importance over non-padding tokens (top-k).
@@ -9,101 +10,14 @@ omitted slices.
 from __future__ import annotations
 
 import copy
-import math
-import re
 
 import pytest
 import torch
+from reference import reference_step, rel_err
 
 import satlm
 from conftest import batch, sat_config, tiny_model
-
-
-def keep(n: int, rate: float) -> int:
-    return max(1, math.floor((1 - rate) * n + 0.5))
-
-
-def _masked_run(model, data, unit: str, choose):
-    """Loss and grads of the plain model with the outputs of the units `choose` leaves out zeroed just
-    before the down and output projections. choose(layer, "mlp", h (B, T, f)) -> kept channels;
-    choose(layer, "attn", o (B, T, H, hd)) -> kept heads, or kept KV groups for unit=kv_group."""
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        cfg = layer.self_attn.config
-        n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-
-        def mlp_hook(mod, args, i=i):
-            (h,) = args  # (B, T, f)
-            m = torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device)
-            m[choose(i, "mlp", h)] = 1
-            return (h * m,)
-
-        def attn_hook(mod, args, i=i, n_h=n_h, n_kv=n_kv):
-            (o,) = args  # (B, T, H*hd)
-            oh = o.view(*o.shape[:2], n_h, -1)
-            units = choose(i, "attn", oh)
-            heads = [g * (n_h // n_kv) + j for g in units for j in range(n_h // n_kv)] if unit == "kv_group" else units
-            m = torch.zeros(n_h, 1, dtype=o.dtype, device=o.device)
-            m[heads] = 1
-            return ((oh * m).reshape(o.shape),)
-
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook))
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(attn_hook))
-    loss = model(**data).loss
-    loss.backward()
-    for h in hooks:
-        h.remove()
-    return loss.detach(), grads_of(model)
-
-
-def plain_name(name: str) -> str:
-    """A parameter's name without SAT's `base_layer.` (peft's own base_layer, inside a LoRA layer, stays)."""
-    return re.sub(r"\.(self_attn|mlp)\.base_layer\.", r".\1.", name)
-
-
-def grads_of(model) -> dict:
-    """Every parameter's gradient under its plain name (None where it has none: frozen)."""
-    return {plain_name(n): p.grad.clone() if p.grad is not None else None for n, p in model.named_parameters()}
-
-
-def reference_step(model, data, rate: float, unit: str):
-    """Loss, grads and kept sets of the masked dense reference (top-k by L2 over non-padding tokens)."""
-    token_mask = data["attention_mask"].to(torch.float64)
-    kept: dict = {}
-
-    def choose(i, comp, a):
-        if comp == "mlp":  # a: (B, T, f)
-            score = ((a.detach().double() ** 2) * token_mask[..., None]).sum((0, 1)).sqrt()
-            units = score.topk(keep(a.shape[-1], rate)).indices.tolist()
-        else:  # a: (B, T, H, hd)
-            score = ((a.detach().double() ** 2) * token_mask[..., None, None]).sum((0, 1, 3)).sqrt()
-            if unit == "kv_group":
-                n_kv = model.model.layers[i].self_attn.config.num_key_value_heads
-                score = score.view(n_kv, -1).sum(1)
-            units = score.topk(keep(score.shape[0], rate)).indices.tolist()
-        kept[(i, comp)] = sorted(units)
-        return units
-
-    loss, grads = _masked_run(model, data, unit, choose)
-    return loss, grads, kept
-
-
-def sat_step(model, data, config):
-    satlm.apply_sat(model, config)
-    loss = model(**data).loss
-    loss.backward()
-    grads = grads_of(model)
-    state = satlm.sat_state(model)
-    kept = {}
-    for entry in state["layers"]:
-        for comp in ("mlp", "attn"):
-            e = entry[comp]  # None: the layer ran dense, every unit kept
-            kept[(entry["layer"], comp)] = e["kept"] if e["kept"] is not None else list(range(e["n_units"]))
-    return loss.detach(), grads, kept
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from sat_steps import history_step_and_reference, sat_step, sat_step_applied
 
 
 CASES = [
@@ -126,14 +40,14 @@ def test_current_topk_matches_masked_dense_reference(arch, heads, kv, impl, extr
     model = tiny_model(arch, heads=heads, kv_heads=kv, attn=impl, **extra)
     ref_model = copy.deepcopy(model)
     data = batch()
-    ref_loss, ref_grads, ref_kept = reference_step(ref_model, data, rate, unit)
+    ref = reference_step(ref_model, data, rate, unit)
     cfg = sat_config(omission_rate=rate, schedule="constant", selection="topk", metric="l2",
                      source="current", attn_unit=unit)
     loss, grads, kept = sat_step(model, data, cfg)
 
-    assert kept == ref_kept
-    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-    for name, g_ref in ref_grads.items():
+    assert kept == ref.kept
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    for name, g_ref in ref.grads.items():
         assert rel_err(grads[name], g_ref) <= 1e-5, name
 
     # Omitted slices get exactly zero gradient.
@@ -191,50 +105,18 @@ def test_dense_tail_of_ladder_is_bit_identical():
     assert torch.equal(model(**data).loss, ref(**data).loss)
 
 
-def masked_step(model, data, kept: dict, unit: str):
-    """Loss and grads of the plain model with the outputs of units outside `kept` zeroed before down/o."""
-    return _masked_run(model, data, unit, lambda i, comp, a: kept[(i, comp)])
-
-
-def history_step_and_reference(model, data, seed_data, rate: float, unit: str):
-    """(SAT loss, grads, kept) of a history-mode step after one seeding step, and (loss, grads) of the
-    masked dense reference with the same kept sets. Leaves the model unpatched."""
-    satlm.apply_sat(model, sat_config(omission_rate=rate, schedule="constant", source="history",
-                                      attn_unit=unit))
-    model(**seed_data).loss.backward()  # the first step observes every unit, to seed the statistics
-    model.zero_grad(set_to_none=True)
-    loss, grads, kept = sat_step_applied(model, data)
-    satlm.remove_sat(model)
-    model.zero_grad(set_to_none=True)
-    ref_loss, ref_grads = masked_step(model, data, kept, unit)
-    return (loss, grads, kept), (ref_loss, ref_grads)
-
-
 @pytest.mark.parametrize("arch,heads,kv,impl,extra", [CASES[0], CASES[3], CASES[4], CASES[5], CASES[6]])
 @pytest.mark.parametrize("unit", ["head", "kv_group"])
 @pytest.mark.parametrize("rate", [0.25, 0.75])
 def test_history_matches_masked_dense_reference(arch, heads, kv, impl, extra, unit, rate):
     """History mode computes only the kept units: the same loss and gradients as masking the rest."""
     model = tiny_model(arch, heads=heads, kv_heads=kv, attn=impl, **extra)
-    (loss, grads, kept), (ref_loss, ref_grads) = history_step_and_reference(model, batch(), batch(seed=3), rate,
-                                                                           unit)
+    (loss, grads, kept), ref = history_step_and_reference(model, batch(), batch(seed=3), rate, unit)
     assert any(len(v) < (heads if c == "attn" and unit == "head" else kv if c == "attn" else 96)
                for (_, c), v in kept.items())
-    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-    for name, g_ref in ref_grads.items():
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    for name, g_ref in ref.grads.items():
         assert rel_err(grads[name], g_ref) <= 1e-5, name
-
-
-def sat_step_applied(model, data):
-    loss = model(**data).loss
-    loss.backward()
-    grads = grads_of(model)
-    kept = {}
-    for entry in satlm.sat_state(model)["layers"]:
-        for comp in ("mlp", "attn"):
-            e = entry[comp]
-            kept[(entry["layer"], comp)] = e["kept"] if e["kept"] is not None else list(range(e["n_units"]))
-    return loss.detach(), grads, kept
 
 
 @pytest.mark.parametrize("pad", [False, True], ids=["causal", "padded"])
@@ -262,7 +144,7 @@ def test_paper_mode_reuses_the_scoring_pass_attention(monkeypatch, arch, heads, 
     model = tiny_model(arch, heads=heads, kv_heads=kv, attn="sdpa")
     ref_model = copy.deepcopy(model)
     data = batch(pad=pad)
-    ref_loss, ref_grads, ref_kept = reference_step(ref_model, data, 0.5, unit)
+    ref = reference_step(ref_model, data, 0.5, unit)
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -287,9 +169,9 @@ def test_paper_mode_reuses_the_scoring_pass_attention(monkeypatch, arch, heads, 
     # heads their kept groups (no copy per query head); the head unit's kept heads one K/V each (irregular groups)
     assert calls["kv_heads"] == [kv] * layers
     assert calls["backward_kv_heads"] == [len(kept[(i, "attn")]) for i in reversed(range(layers))]
-    assert kept == ref_kept
-    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-    for name, g_ref in ref_grads.items():
+    assert kept == ref.kept
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    for name, g_ref in ref.grads.items():
         assert rel_err(grads[name], g_ref) <= 1e-5, name
 
 
