@@ -1,4 +1,4 @@
-"""Checkpoints and what the run logs (issue 25): a "last good" checkpoint that is good, skipped steps logged as
+"""Checkpoints and what the run logs: a "last good" checkpoint that is good, skipped steps logged as
 skipped and never rotating the good one out, short runs that end cleanly, final/ written atomically, a full
 disk said in one line, checkpoints that do not load said in one line, and a resumed run that logs what the
 uninterrupted one logs."""
@@ -13,9 +13,8 @@ from collections import namedtuple
 
 import pytest
 import torch
-from test_numerics import Poison
-from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
-from transformers import TrainerCallback
+from tiny_run import (Poison, StopAt, run_overrides, start_train, tiny_data, tiny_model_dir,  # noqa: F401 (fixtures)
+                      wait_for)
 
 from satlm.cli import main as cli_main
 from satlm.errors import CheckpointError, NumericalError, RunConfigError
@@ -34,18 +33,9 @@ def _names(out):
     return [p.name for p in checkpoints(out)]
 
 
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 # -- a last good checkpoint that is good -------------------------------------------------------------------
 def test_lr_1e9_names_no_checkpoint_as_good(tmp_path, tiny_model_dir, tiny_data):
-    """The issue's probe: the update of step 1 wrecks the weights (~1e9), so checkpoint-1 is not good, though
+    """The update of step 1 wrecks the weights (~1e9), so checkpoint-1 is not good, though
     its own step trained finitely: every resume from it NaNs again."""
     out = tmp_path / "run"
     with pytest.raises(NumericalError) as e:
@@ -290,14 +280,12 @@ WINDOW_RUN = {"max_steps": 24, "save_steps": 8, "logging_steps": 5, "save_total_
 
 @pytest.mark.integration
 def test_a_run_killed_after_checkpoint_16_resumes_to_the_same_summary(tmp_path, tiny_model_dir, tiny_data, capsys):
-    from test_interrupt import _start, _wait_for
-
     straight = run_train(_config(tiny_model_dir, tiny_data, tmp_path / "straight", **WINDOW_RUN), quiet=True)
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text(_config(tiny_model_dir, tiny_data, tmp_path / "unused", **WINDOW_RUN).to_yaml())
-    proc = _start(config, out, hook="pause-save:24")  # stops inside checkpoint-24's save: killed there
-    _wait_for(proc, lambda: (out / ".tmp-checkpoints" / "paused").is_file(), "the save of checkpoint-24")
+    proc = start_train(config, out, hook="pause-save:24", threads=2)  # stops inside checkpoint-24's save: killed
+    wait_for(proc, lambda: (out / ".tmp-checkpoints" / "paused").is_file(), "the save of checkpoint-24")
     proc.kill()
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL and _names(out) == ["checkpoint-8", "checkpoint-16"]

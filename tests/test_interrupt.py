@@ -8,14 +8,11 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections import namedtuple
 
 import pytest
 import torch
-from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
+from tiny_run import run_overrides, start_train, tiny_data, tiny_model_dir, wait_for  # noqa: F401  (fixtures)
 from transformers import TrainerCallback
 
 from satlm.cli import main as cli_main
@@ -74,23 +71,6 @@ def _resume_with_the_printed_command(message, capsys):
     assert cli_main(command[1:]) == 0, capsys.readouterr().err
 
 
-def _start(config_path, out, hook):
-    env = {**os.environ, "SATLM_TEST_HOOK": hook, "OMP_NUM_THREADS": "2"}
-    return subprocess.Popen([sys.executable, "-m", "satlm.cli", "train", str(config_path), f"output_dir={out}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(proc, ready, what, timeout=120):
-    end = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"satlm train exited ({proc.returncode}) before {what}: {proc.communicate()}")
-        if time.monotonic() > end:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _write_config(tmp_path, model_dir, data, **extra):
     path = tmp_path / "run.yaml"
     path.write_text(_config(model_dir, data, tmp_path / "unused", **extra).to_yaml())
@@ -103,8 +83,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path, tiny_model_dir
     # SIGINT takes the same path (the in-process tests below send it); one subprocess keeps the test short.
     sig = signal.SIGTERM
     out = tmp_path / "run"
-    proc = _start(_write_config(tmp_path, tiny_model_dir, tiny_data), out, hook="step-sleep:0.3")
-    _wait_for(proc, lambda: len(read_jsonl_records(out / "metrics.jsonl")) >= 2, "step 2")
+    proc = start_train(_write_config(tmp_path, tiny_model_dir, tiny_data), out, hook="step-sleep:0.3", threads=2)
+    wait_for(proc, lambda: len(read_jsonl_records(out / "metrics.jsonl")) >= 2, "step 2")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
 
@@ -157,8 +137,9 @@ def test_sigkill_while_saving_resumes_from_the_newest_whole_checkpoint(tmp_path,
     out = tmp_path / "run"
     staging = out / guard.STAGING_DIR
     # Every step saves; the process stops inside checkpoint-5's save, after the Trainer wrote its files.
-    proc = _start(_write_config(tmp_path, tiny_model_dir, tiny_data, save_steps=1), out, hook="pause-save:5")
-    _wait_for(proc, lambda: (staging / "paused").is_file(), "the save of checkpoint-5")
+    proc = start_train(_write_config(tmp_path, tiny_model_dir, tiny_data, save_steps=1), out, hook="pause-save:5",
+                       threads=2)
+    wait_for(proc, lambda: (staging / "paused").is_file(), "the save of checkpoint-5")
     proc.kill()
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import sat_config
-from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
+from tiny_run import StopAt, run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
 
 from satlm.errors import RunConfigError
 from satlm.app.train import run_train
@@ -44,8 +44,6 @@ def test_lora_section_keys_and_errors(tmp_path):
 @pytest.mark.parametrize("task", ["cpt", "sft"])
 def test_lora_run_saves_adapter_and_merged_model_and_resumes_exactly(tmp_path, tiny_model_dir, tiny_data, task):
     from transformers import AutoModelForCausalLM
-
-    from test_train import StopAt
 
     extra = {"max_steps": 6, "save_steps": 3, "lora.r": 4, "sat.rungs": 2,
              "seq_len": 32 if task == "cpt" else 128, "lr": 5e-3}

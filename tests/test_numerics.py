@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
-from transformers import TrainerCallback
+from tiny_run import Poison, run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
 
 from satlm.errors import NumericalError
 from satlm.app.recorder import read_jsonl_records
@@ -18,34 +17,6 @@ from satlm.app.run_config import load_run_config
 
 def _config(model_dir, data, out, **extra):
     return load_run_config(None, run_overrides(model_dir, data, out, **{"max_steps": 6, "save_steps": 2, **extra}))
-
-
-class Poison(TrainerCallback):
-    """Makes the training loss of `loss_steps` (1-based) `value`, and one gradient of `grad_steps` inf; keeps
-    the weights after every step."""
-
-    def __init__(self, loss_steps=(), grad_steps=(), value=float("nan")):
-        self.loss_steps, self.grad_steps, self.value = set(loss_steps), set(grad_steps), value
-        self.weights: dict[int, list[torch.Tensor]] = {}
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.model, self.state = model, state
-        model.register_forward_hook(self._loss)  # before the guard's hook: it sees the poisoned loss
-
-    def _loss(self, module, inputs, output):
-        if module.training and self.state.global_step + 1 in self.loss_steps:
-            output["loss"] = output["loss"] * self.value
-        return output
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if state.global_step + 1 in self.grad_steps:
-            next(p for p in model.parameters() if p.grad is not None).grad[0] = float("inf")
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.weights[state.global_step] = [p.detach().clone() for p in model.parameters()]
-
-    def finite(self) -> bool:
-        return all(bool(p.isfinite().all()) for p in self.model.parameters())
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

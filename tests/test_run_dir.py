@@ -1,4 +1,4 @@
-"""Whose the output folder is (issue 25): satlm writes only into a new or empty folder or one its marker claims,
+"""Whose the output folder is: satlm writes only into a new or empty folder or one its marker claims,
 overwrite moves only the names that marker lists (aside into .previous/, removed once the new run saved a
 checkpoint or finished, links never followed), nothing changes before every pre-flight check passed, and one
 process at a time works in a folder (flock on .satlm-run.lock; a kill -9 leaves no stale lock)."""
@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
+from tiny_run import run_overrides, start_train, tiny_data, tiny_model_dir, wait_for  # noqa: F401  (fixtures)
 from transformers import TrainerCallback
 
 from satlm.cli import main as cli_main
@@ -46,7 +45,7 @@ def _tree(root: Path) -> dict:
 
 
 def _users_folder(root: Path) -> Path:
-    """The issue's probe: a user's own files with run-like names."""
+    """A user's own files with run-like names."""
     root.mkdir(parents=True)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint-2024"):
         (root / name).write_text(f"the user's own {name}\n")
@@ -202,27 +201,10 @@ def test_a_failed_pre_flight_check_leaves_the_previous_run(tmp_path, tiny_model_
 
 
 # -- 4. one process per run directory ----------------------------------------------------------------------
-def _start(config_path, out, *extra, hook="step-sleep:0.3"):
-    env = {**os.environ, "SATLM_TEST_HOOK": hook, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "satlm.cli", "train", str(config_path), f"output_dir={out}",
-                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def _write_config(tmp_path, model_dir, data, **extra):
     path = tmp_path / "run.yaml"
     path.write_text(_config(model_dir, data, tmp_path / "unused", **extra).to_yaml())
     return path
-
-
-def _wait_for(proc, ready, what, timeout=120):
-    end = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"satlm train exited ({proc.returncode}) before {what}: {proc.communicate()}")
-        if time.monotonic() > end:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.mark.integration
@@ -230,15 +212,15 @@ def test_a_second_run_is_refused_while_the_first_trains_and_a_kill_leaves_no_loc
                                                                                    tiny_data):
     out = tmp_path / "run"
     config = _write_config(tmp_path, tiny_model_dir, tiny_data, max_steps=40, save_steps=1)
-    first = _start(config, out)
+    first = start_train(config, out, hook="step-sleep:0.3", threads=1)
     try:
-        _wait_for(first, lambda: len(read_jsonl_records(out / "metrics.jsonl")) >= 2, "step 2")
+        wait_for(first, lambda: len(read_jsonl_records(out / "metrics.jsonl")) >= 2, "step 2")
         with pytest.raises(RunConfigError, match=rf"output_dir {out} is in use by another satlm process \(PID "
                            rf"{first.pid} holds {out / LOCK_NAME}\); wait for it to end, or choose another output_dir"):
             run_train(_config(tiny_model_dir, tiny_data, out, overwrite=True), quiet=True)
         assert (out / "config.yaml").is_file() and not (out / PREVIOUS_DIR).exists()
         steps = len(read_jsonl_records(out / "metrics.jsonl"))
-        _wait_for(first, lambda: len(read_jsonl_records(out / "metrics.jsonl")) > steps, "one more step")
+        wait_for(first, lambda: len(read_jsonl_records(out / "metrics.jsonl")) > steps, "one more step")
     finally:
         first.kill()
         first.communicate(timeout=60)
@@ -253,7 +235,7 @@ def test_a_second_run_is_refused_while_the_first_trains_and_a_kill_leaves_no_loc
 def test_two_runs_started_together_one_trains_the_other_is_refused(tmp_path, tiny_model_dir, tiny_data):
     out = tmp_path / "run"
     config = _write_config(tmp_path, tiny_model_dir, tiny_data, max_steps=6)
-    procs = [_start(config, out, "overwrite=true", hook="step-sleep:1.5") for _ in range(2)]
+    procs = [start_train(config, out, "overwrite=true", hook="step-sleep:1.5", threads=1) for _ in range(2)]
     results = [(p, *p.communicate(timeout=300)) for p in procs]
     ok = [p for p, _, _ in results if p.returncode == 0]
     refused = [(p, err) for p, _, err in results if p.returncode != 0]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import sat_config
-from tiny_run import run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
+from tiny_run import StopAt, run_overrides, tiny_data, tiny_model_dir  # noqa: F401  (fixtures)
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from satlm.errors import RunConfigError
@@ -30,17 +30,6 @@ def _records(path):
 
 def _config(model_dir, data, out, task="cpt", **extra):
     return load_run_config(None, run_overrides(model_dir, data, out, task=task, **extra))
-
-
-class StopAt(TrainerCallback):
-    """Stops training after `step` optimizer steps, as an interruption would (after that step's checkpoint)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_cpt_sat_run_writes_the_run_directory(tmp_path, tiny_model_dir, tiny_data):

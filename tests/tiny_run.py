@@ -1,13 +1,20 @@
-"""Tiny runs for the recipe tests: a 2-layer Llama and a BPE tokenizer built here (no downloads), and
-small CPT / SFT data sets written to a temporary folder."""
+"""Tiny runs for the recipe tests: a 2-layer Llama and a BPE tokenizer built here (no downloads), small CPT / SFT
+data sets written to a temporary folder, callbacks that stop or poison a run, and `satlm train` in a child
+process."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import TrainerCallback
 
 WORDS = ("the model reads text and learns which heads and channels matter for each step of training "
          "sparse layers omit units while dense layers keep every unit so the loss falls slowly then fast "
@@ -95,3 +102,73 @@ def run_overrides(model_dir: Path, data: dict[str, Path], out: Path, task: str =
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def data_config(task: str, train, eval_=None, *extra: str):
+    """A run config of `task` on the data files train (and eval_), seq_len 128 for sft and 16 for cpt, plus extra
+    key=value overrides."""
+    from satlm.app.run_config import load_run_config
+
+    over = [f"task={task}", f"data.train={train}", "seq_len=128" if task == "sft" else "seq_len=16"]
+    if eval_ is not None:
+        over.append(f"data.eval={eval_}")
+    return load_run_config(None, over + list(extra))
+
+
+class StopAt(TrainerCallback):
+    """Stops training after `step` optimizer steps, as an interruption would (after that step's checkpoint)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+class Poison(TrainerCallback):
+    """Makes the training loss of `loss_steps` (1-based) `value`, and one gradient of `grad_steps` inf; keeps
+    the weights after every step."""
+
+    def __init__(self, loss_steps=(), grad_steps=(), value=float("nan")):
+        self.loss_steps, self.grad_steps, self.value = set(loss_steps), set(grad_steps), value
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model, self.state = model, state
+        model.register_forward_hook(self._loss)  # before the guard's hook: it sees the poisoned loss
+
+    def _loss(self, module, inputs, output):
+        if module.training and self.state.global_step + 1 in self.loss_steps:
+            output["loss"] = output["loss"] * self.value
+        return output
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 in self.grad_steps:
+            next(p for p in model.parameters() if p.grad is not None).grad[0] = float("inf")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = [p.detach().clone() for p in model.parameters()]
+
+    def finite(self) -> bool:
+        return all(bool(p.isfinite().all()) for p in self.model.parameters())
+
+
+def start_train(config_path, out, *extra: str, hook: str, threads: int) -> subprocess.Popen:
+    """`satlm train CONFIG output_dir=OUT EXTRA...` in a child process on `threads` threads, with the test hook
+    `hook` (SATLM_TEST_HOOK: e.g. step-sleep:0.3 sleeps after each step, pause-save:N stops inside a save)."""
+    env = {**os.environ, "SATLM_TEST_HOOK": hook, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen([sys.executable, "-m", "satlm.cli", "train", str(config_path), f"output_dir={out}",
+                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 120):
+    """Waits until ready() while the child runs; fails naming `what` if it exits first or the timeout passes."""
+    end = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"satlm train exited ({proc.returncode}) before {what}: {proc.communicate()}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
