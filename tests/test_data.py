@@ -1,18 +1,24 @@
-"""Data for the recipes: every input form, packing, the held-out split, SFT loss masks, and bad input."""
+"""Data for the recipes: every input form, packing, the held-out split, SFT loss masks, sft examples longer than
+seq_len, tokenizers without a pad token, chat templates and the tokenized cache. (Data files that are wrong in
+themselves: tests/test_data_files.py.)"""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import make_tokenizer, sentences, write_jsonl
+from tiny_run import (data_config, make_tokenizer, run_overrides, sentences, tiny_data, tiny_model_dir,  # noqa: F401
+                      write_jsonl)
 
-from satlm.errors import DataError
-from satlm.data import (IGNORE_INDEX, SFTCollator, build_datasets, encode_conversation, load_conversations,
-                                load_documents, pack_blocks, split_held_out, to_messages)
 from satlm.app.run_config import load_run_config
+from satlm.data import (IGNORE_INDEX, SFTCollator, build_datasets, encode_conversation, ensure_pad_token,
+                        load_documents, pack_blocks, split_held_out, to_messages)
+from satlm.errors import DataError, ModelLoadError
 
 
 @pytest.fixture(scope="module")
@@ -132,59 +138,97 @@ def test_sft_build_with_a_held_out_split(tmp_path, tok):
     assert (batch["labels"] != IGNORE_INDEX).any() and (batch["labels"] == IGNORE_INDEX).any()
 
 
-# -- bad input ---------------------------------------------------------------------------------------------
-def test_malformed_jsonl_names_the_file_and_line(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "ok"}\n\n{"text": "broken\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON"):
-        load_documents(path)
-    path.write_text('{"text": "ok"}\n[1, 2]\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: expected a JSON object"):
-        load_documents(path)
+# -- sft examples longer than seq_len ----------------------------------------------------------------------
+def _long_sft(tmp_path):
+    rows = [{"instruction": "Say.", "output": "yes"}, {"instruction": "Repeat.", "output": " ".join(sentences(20))},
+            {"instruction": " ".join(sentences(20)), "output": "no"}, {"instruction": "Again.", "output": "ok"}]
+    return write_jsonl(tmp_path / "sft.jsonl", rows)
 
 
-@pytest.mark.parametrize("record, fragment", [
-    ({"instruction": "x"}, "missing field 'output'"),
-    ({"output": "x"}, "missing field 'instruction'"),
-    ({"instruction": 3, "output": "x"}, "field 'instruction' must be a string"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "needs a user message followed by an assistant"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0] must be"),
-])
-def test_sft_missing_or_wrong_fields_name_the_line(tmp_path, record, fragment):
-    path = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "a", "output": "b"}, record])
+def test_sft_truncation_error_names_the_first_long_example(tmp_path, tok):
+    path = _long_sft(tmp_path)
     with pytest.raises(DataError) as e:
-        load_conversations(path)
-    assert "sft.jsonl:2" in str(e.value) and fragment in str(e.value)
+        build_datasets(data_config("sft", path, path, "seq_len=48", "data.truncation=error"), tok)
+    assert f"{path}:2: example is longer than seq_len=48" in str(e.value)
+    assert "data.truncation=truncate" in str(e.value)
 
 
-def test_cpt_missing_field_empty_and_missing_data(tmp_path):
-    write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}, {"content": "b"}])
-    with pytest.raises(DataError, match=r"x\.jsonl:2: missing field 'text'"):
-        load_documents(tmp_path / "x.jsonl")
-    (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(DataError, match="holds no text"):
-        load_documents(tmp_path / "empty.txt")
-    (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(DataError, match="holds no data files"):
-        load_documents(tmp_path / "empty_dir")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(DataError, match="not UTF-8"):
-        load_documents(tmp_path / "latin1.txt")
-    cfg = load_run_config(None, [f"data.train={tmp_path / 'missing.jsonl'}"])
-    with pytest.raises(DataError, match="missing.jsonl' does not exist"):
-        build_datasets(cfg, None)
+def test_sft_truncation_warns_once_with_counts(tmp_path, tok):
+    path = _long_sft(tmp_path)
+    short_eval = write_jsonl(tmp_path / "eval.jsonl", [{"instruction": "Say.", "output": "yes"}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = build_datasets(data_config("sft", path, short_eval, "seq_len=48"), tok)
+    messages = [str(w.message) for w in caught if "seq_len" in str(w.message)]
+    assert messages == [f"{path}: 2 of 4 sft examples are longer than seq_len=48: 1 truncated, 1 dropped "
+                        "(truncation left no response token); raise seq_len to keep them whole, or set "
+                        "data.truncation=error to stop on the first"], messages
+    assert len(data.train) == 3 and data.info["dropped_examples"] == 1 and data.info["truncated_examples"] == 1
+    assert str(short_eval) not in " ".join(messages)  # nothing to say about the eval data
 
 
-def test_sft_plain_text_is_refused(tmp_path):
-    (tmp_path / "notes.txt").write_text("just text")
-    with pytest.raises(DataError, match="sft data must be records"):
-        load_conversations(tmp_path / "notes.txt")
+def test_sft_every_example_dropped_is_an_error(tmp_path, tok):
+    rows = [{"instruction": " ".join(sentences(10)), "output": "no"} for _ in range(3)]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    with pytest.raises(DataError, match=r"sft\.jsonl: no example keeps a response token within seq_len=16 "
+                                        r"\(3 of 3 dropped"):
+        build_datasets(data_config("sft", path, path, "seq_len=16"), tok)
 
 
-def test_json_list_files_are_read_as_records(tmp_path):
-    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}]))
-    [(where, messages)] = load_conversations(tmp_path / "alpaca.json")
-    assert where.endswith("alpaca.json[0]") and messages[1] == {"role": "assistant", "content": "b", "train": True}
+# -- a tokenizer without a pad token -----------------------------------------------------------------------
+def _strip_tokens(tok, *names):
+    for name in names:
+        setattr(tok, name, None)
+    return tok
+
+
+def test_pad_falls_back_to_eos_then_unk_then_errors():
+    tok = _strip_tokens(make_tokenizer(), "pad_token")
+    ensure_pad_token(tok)
+    assert tok.pad_token == "</s>" and tok.pad_token_id == tok.eos_token_id
+    tok = _strip_tokens(make_tokenizer(), "pad_token", "eos_token")
+    ensure_pad_token(tok)
+    assert tok.pad_token == "<unk>"
+    tok = _strip_tokens(make_tokenizer(), "pad_token", "eos_token", "unk_token")
+    with pytest.raises(ModelLoadError, match="no pad, eos or unk token to pad sft batches"):
+        ensure_pad_token(tok)
+
+
+@pytest.fixture(scope="module")
+def no_pad_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with pad_token removed from its tokenizer files and config."""
+    out = tmp_path_factory.mktemp("nopad") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        path = out / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data.pop("pad_token", None)
+            data.pop("pad_token_id", None)
+            path.write_text(json.dumps(data))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).pad_token is None
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("task", ["sft", "cpt"])
+def test_training_with_a_tokenizer_without_pad(tmp_path, no_pad_model_dir, tiny_data, task):
+    from satlm.app.train import run_train
+
+    over = run_overrides(no_pad_model_dir, tiny_data, tmp_path / "run", task=task, max_steps=2,
+                         seq_len=128 if task == "sft" else 32)
+    summary = run_train(load_run_config(None, over), quiet=True)
+    assert summary["completed"] and math.isfinite(summary["eval_loss"])
+
+
+def test_sft_data_with_a_tokenizer_without_pad_eos_or_unk(tmp_path, tiny_data):
+    tok = _strip_tokens(make_tokenizer(), "pad_token", "eos_token", "unk_token")
+    with pytest.raises(ModelLoadError, match="no pad, eos or unk token"):
+        build_datasets(data_config("sft", tiny_data["sft_train"], tiny_data["sft_eval"]), tok)
+    data = build_datasets(data_config("cpt", tiny_data["cpt_train"], tiny_data["cpt_eval"]), tok)  # cpt never pads
+    assert len(data.train) > 0
 
 
 # -- chat templates: rendered once, the trained spans found in the render ------------------------------------
