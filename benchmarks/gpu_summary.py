@@ -76,7 +76,7 @@ def bench_figures(out: Path, name: str) -> str:
     return text
 
 
-# Issue 15's targets for the whole step (tinyllama-1.1b preset, bf16, r=0.5): speedup over dense and efficiency.
+# The GPU targets for the whole step (tinyllama-1.1b preset, bf16, r=0.5): speedup over dense and efficiency.
 STEP_TARGETS = {"current": (1.45, 0.85), "history": (1.8, 0.85)}
 
 

@@ -1,6 +1,6 @@
 """Dense vs SAT time ratios for one Llama-style decoder layer, measured interleaved in one process.
 
-    python benchmarks/layer_bench.py            # d=512, f=1408, 8 heads, T=256, B=8, fp32 (the core issue's shape)
+    python benchmarks/layer_bench.py            # d=512, f=1408, 8 heads, T=256, B=8, fp32 (the default shape)
     python benchmarks/layer_bench.py --repeats 40 --json layer.json
 
 Extra flags are passed to `satlm bench` (which re-executes itself with its allocator settings on the CPU:

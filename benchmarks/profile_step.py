@@ -1,6 +1,6 @@
 """Where the time of a training step goes, dense against SAT: torch.profiler, ops grouped by role.
 
-    python benchmarks/profile_step.py                      # whole step, the issue's shape, r=0.5
+    python benchmarks/profile_step.py                      # whole step: d=512, f=1408, 8 heads, 8 layers, T=256, r=0.5
     python benchmarks/profile_step.py --per-layer --batch-size 8
     python benchmarks/profile_step.py --threads 1 --steps 5 --rate 0.75
 

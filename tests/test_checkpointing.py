@@ -1,4 +1,4 @@
-"""Several training forwards before one backward (issue 15): without gradient checkpointing each forward's graph
+"""Several training forwards before one backward: without gradient checkpointing each forward's graph
 holds its own kept units, so the gradients are those of separate steps; with it, the layers of the first forward
 would be recomputed with the second's units, so SAT refuses with a named error instead."""
 

@@ -1,4 +1,4 @@
-"""torch.compile with SAT (issue 15): no graph break inside SAT's modules, compiled loss and gradients equal to
+"""torch.compile with SAT: no graph break inside SAT's modules, compiled loss and gradients equal to
 eager, and recompiles bounded by the number of distinct kept counts (the schedule's rates).
 
 What makes it traceable: selection noise is drawn before the forward (UnitSelector.begin_forward, in the model's

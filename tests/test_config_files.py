@@ -1,4 +1,4 @@
-"""Config files and command lines (issue 25): duplicate YAML keys, non-UTF-8 and empty YAML, `--resume`
+"""Config files and command lines: duplicate YAML keys, non-UTF-8 and empty YAML, `--resume`
 anywhere on the command line, a model path that does not exist, and `satlm fetch` checking its wheel."""
 
 from __future__ import annotations

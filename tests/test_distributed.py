@@ -1,7 +1,7 @@
 """Multi-process SAT on CPU: 2 processes launched through torchrun (gloo, loopback only), tiny models.
 
 Each launch runs tests/dist_worker.py or `satlm train` on 2 ranks; the single-process references run in
-this process. What must hold (issue 5): every rank keeps the same units at every step; 2 ranks with batch
+this process. What must hold: every rank keeps the same units at every step; 2 ranks with batch
 b train exactly as 1 rank with batch 2b (importance over the union of the ranks' tokens); a 2-rank run
 stopped and resumed continues exactly; FSDP shards the parameters the sparse ops slice.
 """

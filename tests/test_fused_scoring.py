@@ -1,4 +1,4 @@
-"""Importance scoring in one read of the activations (issue 15, item 3; SATConfig.fused_scoring).
+"""Importance scoring in one read of the activations (SATConfig.fused_scoring).
 
 Compiled by inductor (here its C++ backend; Triton on CUDA), each scoring function must be one fused reduction
 kernel (read from the generated code, so that a second pass over the activations fails the test), give the eager

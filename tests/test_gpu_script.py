@@ -73,7 +73,7 @@ def test_gpu_script_goes_on_past_a_failed_section(tmp_path):
 
 
 def test_summary_reads_the_step_targets():
-    """The step row says whether issue 15's targets (r=0.5, forward sparse: current >= 1.45x, history >= 1.8x,
+    """The step row says whether the whole-step targets (r=0.5, forward sparse: current >= 1.45x, history >= 1.8x,
     efficiency >= 0.85) are met, and names each one missed."""
     import sys
 

@@ -1,4 +1,4 @@
-"""No host syncs in SAT's forward and backward (issue 15): on a GPU each one stops the host until the device
+"""No host syncs in SAT's forward and backward: on a GPU each one stops the host until the device
 catches up, in every layer of every step. A dispatch mode sees every aten op of a training step (forward and
 backward) and records the ones that read device values back to the host; Tensor.tolist / numpy are watched
 too (on the CPU they bypass the dispatcher). SAT's step may sync no more than the same model's dense step does
