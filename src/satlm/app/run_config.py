@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import types
-import typing
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, ClassVar, Sequence, Union
 
 import yaml
 
-from ..config import SATConfig, SATConfigError, closest_key
+from ..config import SATConfig, closest_key
 from ..data.config import EMBEDDED, TEMPLATES, TRUNCATIONS, DataConfig  # noqa: F401  (re-exported)
 from ..errors import RunConfigError
+from ..fields import FieldSpec, Problem, check_fields, field_specs, read_value
 
 TASKS = ("cpt", "sft")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -32,16 +31,18 @@ SHIPPED_CONFIGS = "configs"  # package-data folder (src/satlm/configs); top-leve
 class SATSection(SATConfig):
     """The `sat:` section: `enabled` plus every SATConfig field (see satlm.config.SATConfig)."""
 
-    enabled: bool = True
-    """Train with SAT (true) or dense (false). `satlm compare` runs both."""
+    _prefix: ClassVar[str] = "sat."
 
-    def validate(self) -> "SATSection":
-        if not isinstance(self.enabled, bool):
-            raise SATConfigError(f"sat.enabled={self.enabled!r} must be true or false")
-        return super().validate()
+    enabled: bool = field(default=True, metadata={
+        "help": "Train with SAT (true) or dense (false). `satlm compare` runs both."})
+
+    def _field_error(self, problem: Problem) -> Exception:
+        # A value that is not of the field's type is a config-key error, as for every other key; the rest is SAT's.
+        return RunConfigError(problem.as_key(self._prefix)) if problem.kind == "type" else super()._field_error(problem)
 
     def to_sat_config(self) -> SATConfig:
-        return SATConfig(**copy.deepcopy({f.name: getattr(self, f.name) for f in dataclasses.fields(SATConfig)}))
+        self.validate()  # a no-op unless a value changed since the section was checked
+        return SATConfig._from_checked({f.name: getattr(self, f.name) for f in dataclasses.fields(SATConfig)})
 
     def to_dict(self) -> dict[str, Any]:
         out = {"enabled": self.enabled}
@@ -49,36 +50,39 @@ class SATSection(SATConfig):
         return out
 
 
+def _key_error(prefix: str) -> Callable[[Problem], Exception]:
+    return lambda problem: RunConfigError(problem.as_key(prefix))
+
+
 @dataclass
 class LoRASection:
     """The `lora:` section: train a peft LoRA adapter instead of the whole model (SAT runs base + LoRA over the
     kept units). Off while r is null; `lora.r=16` on the command line turns it on."""
 
-    r: int | None = None
-    """LoRA rank; null: no LoRA (full fine-tuning)."""
-    alpha: float | None = None
-    """LoRA alpha (the update is scaled by alpha / r, or alpha / sqrt(r) with use_rslora); null: 2 r."""
-    dropout: float = 0.0
-    """Dropout on the LoRA input."""
-    target_modules: Union[str, list] = "all-linear"
-    """Projections that get an adapter: all-linear (every linear of the decoder layers), or a list of names
-    (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, ...)."""
-    modules_to_save: list | None = None
-    """Modules trained in full and saved beside the adapter (e.g. [lm_head]); null: none."""
-    use_rslora: bool = False
-    """Rank-stabilised LoRA: scale by alpha / sqrt(r)."""
+    r: int | None = field(default=None, metadata={
+        "range": "[1, inf)", "null": "no LoRA",
+        "help": "LoRA rank; null: no LoRA (full fine-tuning)."})
+    alpha: float | None = field(default=None, metadata={
+        "range": "(0, inf)", "null": "2 r",
+        "help": "LoRA alpha (the update is scaled by alpha / r, or alpha / sqrt(r) with use_rslora); null: 2 r."})
+    dropout: float = field(default=0.0, metadata={
+        "range": "[0, 1)",
+        "help": "Dropout on the LoRA input."})
+    target_modules: Union[str, list] = field(default="all-linear", metadata={
+        "expects": "all-linear or a list of module names",
+        "help": "Projections that get an adapter: all-linear (every linear of the decoder layers), or a list of names "
+                "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, ...)."})
+    modules_to_save: list | None = field(default=None, metadata={
+        "help": "Modules trained in full and saved beside the adapter (e.g. [lm_head]); null: none."})
+    use_rslora: bool = field(default=False, metadata={
+        "help": "Rank-stabilised LoRA: scale by alpha / sqrt(r)."})
 
     @property
     def enabled(self) -> bool:
         return self.r is not None
 
     def validate(self) -> "LoRASection":
-        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1):
-            raise RunConfigError(f"config key 'lora.r' must be an integer >= 1 or null (no LoRA), got {self.r!r}")
-        if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise RunConfigError(f"config key 'lora.alpha' must be a number > 0 or null (2 r), got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise RunConfigError(f"config key 'lora.dropout' must be in [0, 1), got {self.dropout!r}")
+        check_fields(self, _key_error("lora."))
         targets = self.target_modules
         if not (isinstance(targets, str) and targets) and not (
                 isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
@@ -100,138 +104,130 @@ class LoRASection:
 class RunConfig:
     """One training run. Sizes are per device; one step is one optimizer update."""
 
-    task: str = "cpt"
-    """cpt (continual pre-training on packed text) or sft (supervised fine-tuning, loss on responses)."""
-    model: str = EMBEDDED
-    """A local checkpoint folder or a hub name; `embedded`: satlm's tiny pretrained Llama."""
-    output_dir: str = "runs/satlm"
-    """The run directory (config.yaml, metrics.jsonl, summary.json, checkpoint-N/, final/, plots/)."""
-    max_steps: int = 100
-    """Optimizer steps to train; the SAT schedule and the learning-rate schedule span them."""
-    epochs: float | None = None
-    """Passes over the training data instead of max_steps: the steps are computed from the data's size, the
-    batch, grad_accum and the number of processes (and the LR and SAT schedules span them); null: max_steps."""
-    batch_size: int = 8
-    """Sequences per device per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    seq_len: int = 256
-    """Tokens per sequence: the packing block (cpt) or the truncation length (sft)."""
-    lr: float = 1e-4
-    """Peak learning rate."""
-    lr_scheduler: str = "cosine"
-    """A transformers scheduler name: cosine, linear, constant, constant_with_warmup, ..."""
-    warmup: float = 0.05
-    """Linear warmup: a fraction of max_steps when below 1, else a number of steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm; 0 disables clipping."""
-    max_skipped_steps: int = 0
-    """Steps with a NaN or inf loss or gradient whose update may be dropped (the run goes on) before the
-    run stops; 0: stop at the first, before its update, keeping the last good checkpoint."""
-    optim: str = "adamw_torch_fused"
-    """A transformers optimizer name; fused AdamW is the fast one on CPU and GPU."""
-    seed: int = 42
-    """Seed of model-side randomness and of the data order (same seed, same batches)."""
-    save_steps: int = 500
-    """Write checkpoint-N/ every this many steps and at the end (for resume); 0: no checkpoints."""
-    save_total_limit: int | None = 2
-    """Keep at most this many checkpoints (the newest); null: keep all."""
-    eval_steps: int = 0
-    """Evaluate (dense) every this many steps; the run always evaluates at the end. 0: only at the end."""
-    eval_batch_size: int | None = None
-    """Sequences per evaluation batch; null: batch_size."""
-    logging_steps: int = 1
-    """Write a metrics.jsonl record every this many steps."""
-    precision: str = "auto"
-    """auto (bf16 mixed precision on a GPU that has it, else fp32), fp32, bf16 or fp16 (mixed precision)."""
-    attn_implementation: str | None = None
-    """eager, sdpa, flash_attention_2, ...; null: the transformers default."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward to save memory."""
-    tensorboard: bool = True
-    """Write TensorBoard logs to output_dir/tensorboard when tensorboard is installed."""
-    report_to: Union[str, list] = "none"
-    """Trackers the Trainer reports to (transformers' report_to: none, all, tensorboard, wandb, mlflow, ... or a
-    list); the dense evaluations are logged through them too (eval_loss, eval_perplexity)."""
-    progress: bool = True
-    """Show a progress bar with tokens/s and ETA."""
-    resume: Union[bool, str] = False
-    """true: continue from the newest checkpoint-N in output_dir; a path: from that checkpoint."""
-    overwrite: bool = False
-    """Replace a previous run in output_dir (only the files a run writes are removed)."""
-    budget: str = "tokens"
-    """`satlm compare` only. tokens: both sides train max_steps steps (the same tokens, in the same order).
-    time: the SAT side gets the dense side's training time instead: its steps are estimated from its own
-    measured step time (each scheduled rate timed against dense before it starts), its LR and SAT schedules
-    laid over those steps; it answers which model is better for the same compute time."""
-    seeds: list | None = None
-    """`satlm compare` only: run both sides once per seed in this list (each seed sets the data order, the model-side
-    randomness and SAT's selection; the runs go to output_dir/seed-N/dense and .../sat) and report the mean paired
-    eval-loss delta over seeds with its standard error; null: one pair of runs with `seed` (output_dir/dense,
-    output_dir/sat). `satlm compare --seeds 0,1` sets it."""
-    interleaved_pairs: int = 4
-    """`satlm compare` only: dense/SAT pairs of training steps timed interleaved in one process at each omission
-    level of the schedule, after one warm-up pair (speedup_interleaved; also the time axis of SAT's curve and the
-    step count of budget: time); at least 4; 0: skip the measurement (no interleaved figures)."""
-    trainer_args: dict = field(default_factory=dict)
-    """Extra transformers.TrainingArguments (fsdp, deepspeed, ...), passed through as given."""
+    task: str = field(default="cpt", metadata={
+        "choices": TASKS,
+        "help": "cpt (continual pre-training on packed text) or sft (supervised fine-tuning, loss on responses)."})
+    model: str = field(default=EMBEDDED, metadata={
+        "help": "A local checkpoint folder or a hub name; `embedded`: satlm's tiny pretrained Llama."})
+    output_dir: str = field(default="runs/satlm", metadata={
+        "help": "The run directory (config.yaml, metrics.jsonl, summary.json, checkpoint-N/, final/, plots/)."})
+    max_steps: int = field(default=100, metadata={
+        "range": "[1, inf)",
+        "help": "Optimizer steps to train; the SAT schedule and the learning-rate schedule span them."})
+    epochs: float | None = field(default=None, metadata={
+        "range": "(0, inf)", "null": "use max_steps",
+        "help": "Passes over the training data instead of max_steps: the steps are computed from the data's size, "
+                "the batch, grad_accum and the number of processes (and the LR and SAT schedules span them); null: "
+                "max_steps."})
+    batch_size: int = field(default=8, metadata={
+        "range": "[1, inf)",
+        "help": "Sequences per device per micro-batch."})
+    grad_accum: int = field(default=1, metadata={
+        "range": "[1, inf)",
+        "help": "Micro-batches accumulated per optimizer step."})
+    seq_len: int = field(default=256, metadata={
+        "range": "[2, inf)",
+        "help": "Tokens per sequence: the packing block (cpt) or the truncation length (sft)."})
+    lr: float = field(default=1e-4, metadata={
+        "range": "(0, inf)",
+        "help": "Peak learning rate."})
+    lr_scheduler: str = field(default="cosine", metadata={
+        "help": "A transformers scheduler name: cosine, linear, constant, constant_with_warmup, ..."})
+    warmup: float = field(default=0.05, metadata={
+        "range": "[0, inf)",
+        "help": "Linear warmup: a fraction of max_steps when below 1, else a number of steps."})
+    weight_decay: float = field(default=0.0, metadata={
+        "range": "[0, inf)",
+        "help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={
+        "range": "[0, inf)",
+        "help": "Gradient clipping norm; 0 disables clipping."})
+    max_skipped_steps: int = field(default=0, metadata={
+        "range": "[0, inf)",
+        "help": "Steps with a NaN or inf loss or gradient whose update may be dropped (the run goes on) before the "
+                "run stops; 0: stop at the first, before its update, keeping the last good checkpoint."})
+    optim: str = field(default="adamw_torch_fused", metadata={
+        "help": "A transformers optimizer name; fused AdamW is the fast one on CPU and GPU."})
+    seed: int = field(default=42, metadata={
+        "help": "Seed of model-side randomness and of the data order (same seed, same batches)."})
+    save_steps: int = field(default=500, metadata={
+        "range": "[0, inf)",
+        "help": "Write checkpoint-N/ every this many steps and at the end (for resume); 0: no checkpoints."})
+    save_total_limit: int | None = field(default=2, metadata={
+        "range": "[1, inf)", "null": "keep all",
+        "help": "Keep at most this many checkpoints (the newest); null: keep all."})
+    eval_steps: int = field(default=0, metadata={
+        "range": "[0, inf)",
+        "help": "Evaluate (dense) every this many steps; the run always evaluates at the end. 0: only at the end."})
+    eval_batch_size: int | None = field(default=None, metadata={
+        "range": "[1, inf)", "null": "batch_size",
+        "help": "Sequences per evaluation batch; null: batch_size."})
+    logging_steps: int = field(default=1, metadata={
+        "range": "[1, inf)",
+        "help": "Write a metrics.jsonl record every this many steps."})
+    precision: str = field(default="auto", metadata={
+        "choices": PRECISIONS,
+        "help": "auto (bf16 mixed precision on a GPU that has it, else fp32), fp32, bf16 or fp16 (mixed precision)."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "eager, sdpa, flash_attention_2, ...; null: the transformers default."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations in the backward to save memory."})
+    tensorboard: bool = field(default=True, metadata={
+        "help": "Write TensorBoard logs to output_dir/tensorboard when tensorboard is installed."})
+    report_to: Union[str, list] = field(default="none", metadata={
+        "help": "Trackers the Trainer reports to (transformers' report_to: none, all, tensorboard, wandb, mlflow, ... "
+                "or a list); the dense evaluations are logged through them too (eval_loss, eval_perplexity)."})
+    progress: bool = field(default=True, metadata={
+        "help": "Show a progress bar with tokens/s and ETA."})
+    resume: Union[bool, str] = field(default=False, metadata={
+        "expects": "true, false or a checkpoint path",
+        "help": "true: continue from the newest checkpoint-N in output_dir; a path: from that checkpoint."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a previous run in output_dir (only the files a run writes are removed)."})
+    budget: str = field(default="tokens", metadata={
+        "choices": BUDGETS,
+        "help": "`satlm compare` only. tokens: both sides train max_steps steps (the same tokens, in the same order). "
+                "time: the SAT side gets the dense side's training time instead: its steps are estimated from its "
+                "own measured step time (each scheduled rate timed against dense before it starts), its LR and SAT "
+                "schedules laid over those steps; it answers which model is better for the same compute time."})
+    seeds: list[int] | None = field(default=None, metadata={
+        "range": "[0, inf)", "expects": "a non-empty list of integers >= 0", "null": "one run with `seed`",
+        "help": "`satlm compare` only: run both sides once per seed in this list (each seed sets the data order, the "
+                "model-side randomness and SAT's selection; the runs go to output_dir/seed-N/dense and .../sat) and "
+                "report the mean paired eval-loss delta over seeds with its standard error; null: one pair of runs "
+                "with `seed` (output_dir/dense, output_dir/sat). `satlm compare --seeds 0,1` sets it."})
+    interleaved_pairs: int = field(default=4, metadata={
+        "range": "[0, inf)",
+        "help": "`satlm compare` only: dense/SAT pairs of training steps timed interleaved in one process at each "
+                "omission level of the schedule, after one warm-up pair (speedup_interleaved; also the time axis of "
+                "SAT's curve and the step count of budget: time); at least 4; 0: skip the measurement (no "
+                "interleaved figures)."})
+    trainer_args: dict = field(default_factory=dict, metadata={
+        "help": "Extra transformers.TrainingArguments (fsdp, deepspeed, ...), passed through as given."})
     data: DataConfig = field(default_factory=DataConfig)
     sat: SATSection = field(default_factory=SATSection)
     lora: LoRASection = field(default_factory=LoRASection)
 
     def validate(self) -> "RunConfig":
-        _one_of("task", self.task, TASKS)
-        _one_of("precision", self.precision, PRECISIONS)
-        _one_of("data.template", self.data.template, TEMPLATES)
-        _one_of("data.truncation", self.data.truncation, TRUNCATIONS)
-        _one_of("budget", self.budget, BUDGETS)
-        from ..data.formats import FORMATS, TRAIN_ON
-
-        _one_of("data.format", self.data.format, FORMATS)
-        _one_of("data.train_on", self.data.train_on, TRAIN_ON)
-        for key in ("max_steps", "batch_size", "grad_accum", "logging_steps"):
-            _at_least(key, getattr(self, key), 1)
-        _at_least("seq_len", self.seq_len, 2)
-        for key in ("save_steps", "eval_steps", "max_skipped_steps"):
-            _at_least(key, getattr(self, key), 0)
-        self._validate_seeds()
-        if self.interleaved_pairs != 0:
-            _at_least("interleaved_pairs", self.interleaved_pairs, 4)
-        if self.eval_batch_size is not None:
-            _at_least("eval_batch_size", self.eval_batch_size, 1)
-        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise RunConfigError(f"config key 'epochs' must be a number > 0 or null (use max_steps), got {self.epochs!r}")
-        if self.save_total_limit is not None:
-            _at_least("save_total_limit", self.save_total_limit, 1)
-        if self.data.max_eval_samples is not None:
-            _at_least("data.max_eval_samples", self.data.max_eval_samples, 1)
-        if not self.lr > 0:
-            raise RunConfigError(f"config key 'lr' must be > 0, got {self.lr!r}")
-        if not math.isfinite(self.lr):
-            raise RunConfigError(f"config key 'lr' must be a finite number > 0, got {self.lr!r}")
-        for key in ("warmup", "weight_decay", "max_grad_norm"):
-            if not getattr(self, key) >= 0 or not math.isfinite(getattr(self, key)):
-                raise RunConfigError(f"config key {key!r} must be a finite number >= 0, got {getattr(self, key)!r}")
-        if not 0 < self.data.eval_fraction < 1:
-            raise RunConfigError(f"config key 'data.eval_fraction' must be in (0, 1), got {self.data.eval_fraction!r}")
+        """Every key as its field declares it (sat: as SATConfig does), and the few rules between keys."""
+        check_fields(self, _key_error(""))
+        self.data.validate()
+        self.lora.validate()
+        self.sat.validate()  # a no-op unless a value changed since the section was checked
+        if 0 < self.interleaved_pairs < 4:
+            raise RunConfigError(f"config key 'interleaved_pairs' must be >= 4 or 0 (no interleaved measurement), "
+                                 f"got {self.interleaved_pairs!r}")
+        if self.seeds is not None:
+            if not self.seeds:
+                raise RunConfigError("config key 'seeds' must be a non-empty list of integers >= 0 or null (one run "
+                                     "with `seed`), got []")
+            if len(set(self.seeds)) < len(self.seeds):
+                raise RunConfigError(f"config key 'seeds' lists a seed twice: {self.seeds!r}")
         if isinstance(self.resume, str) and not self.resume:
             raise RunConfigError("config key 'resume' must be true, false or a checkpoint path, got ''")
-        self.lora.validate()
         if self.sat.enabled:
             _warn_unreached_stairs(self.sat, self.max_steps)
         return self
-
-    def _validate_seeds(self) -> None:
-        seeds = self.seeds
-        if seeds is None:
-            return
-        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-            raise RunConfigError(f"config key 'seeds' must be a non-empty list of integers >= 0 or null (one run "
-                                 f"with `seed`), got {seeds!r}")
-        if len(set(seeds)) < len(seeds):
-            raise RunConfigError(f"config key 'seeds' lists a seed twice: {seeds!r}")
 
     # -- conversion ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -250,15 +246,12 @@ class RunConfig:
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise RunConfigError(f"a run config must be a mapping of keys to values, got {type(raw).__name__}")
-        kwargs = _build_kwargs(cls, raw, "")
-        for name, section in (("data", DataConfig), ("sat", SATSection), ("lora", LoRASection)):
+        kwargs = _read_section(cls, raw, "")
+        for name, section in _SECTIONS.items():
             sub = raw.get(name) or {}
             if not isinstance(sub, dict):
                 raise RunConfigError(f"config key {name!r} is a section: give a mapping or set {name}.<field>=value")
-            try:
-                kwargs[name] = section(**_build_kwargs(section, sub, name + "."))
-            except SATConfigError as e:
-                raise SATConfigError(str(e).replace("SATConfig.", "sat.")) from None
+            kwargs[name] = section(**_read_section(section, sub, name + "."))  # sat: checked here, once
         return cls(**kwargs).validate()
 
 
@@ -266,132 +259,44 @@ class RunConfig:
 _SECTIONS = {"data": DataConfig, "sat": SATSection, "lora": LoRASection}
 
 
+def key_specs() -> dict[str, FieldSpec]:
+    """Every settable key, dotted (task, ..., data.train, ..., sat.enabled, sat.omission_rate, ...), and its field's
+    declaration: generated from the dataclasses, so that a key is declared once, as a field."""
+    out = dict(field_specs(RunConfig))
+    for name, section in _SECTIONS.items():
+        out.update({f"{name}.{key}": spec for key, spec in field_specs(section).items()})
+    return out
+
+
 def config_keys() -> list[str]:
     """Every settable key, dotted: task, model, ..., data.train, ..., sat.enabled, sat.omission_rate, ..."""
-    keys = [f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS]
-    for name, section in _SECTIONS.items():
-        keys += [f"{name}.{f.name}" for f in dataclasses.fields(section)]
-    return keys
+    return list(key_specs())
+
+
+def describe_key(key: str) -> str:
+    """A key's entry in `satlm keys --describe`: its name, what it takes, its default, then its help, indented."""
+    spec = key_specs()[key]
+    default = yaml.safe_dump(spec.default, default_flow_style=True).splitlines()[0]
+    help_lines = textwrap.wrap(spec.help, width=100, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join([f"{key}: {spec.words()}; default {default}", *help_lines])
 
 
 def _unknown(key: str) -> RunConfigError:
     return RunConfigError(f"unknown config key {key!r}{closest_key(key, config_keys())}")
 
 
-def _build_kwargs(cls, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+def _read_section(cls, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The keyword arguments of one section from its raw mapping: unknown keys refused, each value read as its
+    field's type (read_value converts; the section's own check judges)."""
+    specs = field_specs(cls)
     out = {}
     for key, value in raw.items():
-        if not isinstance(key, str) or key not in names:
-            raise _unknown(f"{prefix}{key}")
         if not prefix and key in _SECTIONS:
             continue
-        out[key] = _coerce(prefix + key, value, hints[key])
+        if not isinstance(key, str) or key not in specs:
+            raise _unknown(f"{prefix}{key}")
+        out[key] = read_value(specs[key], value)
     return out
-
-
-def _describe(hint) -> str:
-    if hint is bool:
-        return "true or false"
-    if hint is int:
-        return "an integer"
-    if hint is float:
-        return "a number"
-    if hint is str:
-        return "a string"
-    if typing.get_origin(hint) in (list, tuple):
-        return "a list"
-    if hint is dict or typing.get_origin(hint) is dict:
-        return "a mapping"
-    args = typing.get_args(hint)
-    return " or ".join("null" if a is type(None) else _describe(a) for a in args) or str(hint)
-
-
-def _coerce(key: str, value: Any, hint) -> Any:
-    """The value as the field's type, or a RunConfigError naming the key (YAML 1.1 reads 1e-4 as a string)."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        candidates = [a for a in args if a is not type(None)]
-        for a in candidates:  # an exact type match first (resume: true stays a bool, a path stays a str)
-            if _matches(value, a):
-                return _coerce(key, value, a)
-        for a in candidates:
-            try:
-                return _coerce(key, value, a)
-            except RunConfigError:
-                pass
-        raise RunConfigError(f"config key {key!r} expects {_describe(hint)}, got {value!r}")
-    bad = RunConfigError(f"config key {key!r} expects {_describe(hint)}, got {value!r}")
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if hint is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise bad
-    if hint is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise bad
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    if origin in (list, tuple) or hint in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise bad
-    if hint is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise bad
-    return value
-
-
-def _matches(value: Any, hint) -> bool:
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint in (int, float):
-        return isinstance(value, hint) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    origin = typing.get_origin(hint) or hint
-    return isinstance(origin, type) and isinstance(value, origin)
-
-
-def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise RunConfigError(f"config key {key!r} is {value!r}; choose one of {', '.join(allowed)}")
-
-
-def _at_least(key: str, value: int, low: int) -> None:
-    if value < low:
-        raise RunConfigError(f"config key {key!r} must be >= {low}, got {value!r}")
 
 
 def _warn_unreached_stairs(sat: SATConfig, max_steps: int) -> None:
