@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from satlm.app.run_config import (LoRASection, RunConfig, SATSection, apply_overrides, config_keys, describe_key,
+                                  find_config, key_specs, load_run_config, shipped_configs)
 from satlm.config import SATConfig, SATConfigError
+from satlm.data.config import DataConfig
 from satlm.errors import RunConfigError
-from satlm.app.run_config import (RunConfig, apply_overrides, config_keys, find_config, load_run_config,
-                              shipped_configs)
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_CONFIGS = REPO / "configs"
@@ -23,6 +24,59 @@ def test_issue_keys_and_every_sat_field_are_config_keys():
     keys = set(config_keys())
     assert set(REQUIRED_KEYS) <= keys
     assert {f"sat.{f.name}" for f in dataclasses.fields(SATConfig)} <= keys
+
+
+def test_the_keys_are_generated_from_the_fields():
+    """One declaration per key: the sat: section is SATConfig's fields (in order) plus `enabled`, and every key of the
+    loader is a declared field with its help."""
+    sat = [k.removeprefix("sat.") for k in config_keys() if k.startswith("sat.")]
+    assert sat == [f.name for f in dataclasses.fields(SATConfig)] + ["enabled"]
+    assert [f.name for f in dataclasses.fields(SATSection)] == sat
+    sections = {"data": DataConfig, "lora": LoRASection}
+    for name, section in sections.items():
+        assert [k.removeprefix(f"{name}.") for k in config_keys() if k.startswith(f"{name}.")] == \
+            [f.name for f in dataclasses.fields(section)]
+    top = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("data", "sat", "lora")]
+    assert [k for k in config_keys() if "." not in k] == top
+    for key, spec in key_specs().items():
+        assert len(spec.help) > 10, key
+        assert describe_key(key).startswith(f"{key}: ")
+    assert describe_key("sat.omission_rate").splitlines()[0] == "sat.omission_rate: a number in [0, 1); default 0.5"
+
+
+def test_one_support_check_from_a_config_and_from_a_model(tmp_path):
+    """satlm train's check of a model folder (config only) and apply_sat's are one function: the same words."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from satlm import apply_sat
+    from satlm.app.model_io import check_supported
+    from satlm.modeling.families import UnsupportedModelError
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, architectures=["GPT2LMHeadModel"])
+    config.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError) as from_config:
+        check_supported(str(tmp_path))
+    with pytest.raises(UnsupportedModelError) as from_model:
+        apply_sat(GPT2LMHeadModel(config))
+    assert str(from_config.value) == str(from_model.value).replace(" has no satlm layout)",
+                                                                    f" has no satlm layout) from {tmp_path}")
+
+
+@pytest.mark.parametrize("layers", ["[5]", "[1, -1]", "[0, 0]"])
+def test_one_layers_check_for_the_run_and_the_model(make_model, tmp_path, layers):
+    """The run's check against the model's config (before any weight is loaded) and apply_sat's are one function."""
+    import yaml
+
+    from satlm import apply_sat
+    from satlm.app.model_io import check_run_fits_model
+
+    model = make_model()  # 2 decoder layers
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(SATConfigError) as from_model:
+        apply_sat(model, SATConfig(layers=yaml.safe_load(layers)))
+    with pytest.raises(SATConfigError) as from_run:
+        check_run_fits_model(load_run_config(None, ["seq_len=32", f"sat.layers={layers}"]), str(tmp_path))
+    assert str(from_run.value) == str(from_model.value).replace("SATConfig.layers", "sat.layers")
 
 
 def test_defaults_round_trip_through_yaml():
@@ -78,13 +132,19 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     ("task=pretrain", RunConfigError, "'task' is 'pretrain'"),
     ("sat.enabled=maybe", RunConfigError, "'sat.enabled' expects true or false"),
     ("sat.omission_rate=1.5", SATConfigError, "sat.omission_rate=1.5"),
+    ("sat.omission_rate=half", RunConfigError, "config key 'sat.omission_rate' expects a number, got 'half'"),
+    ("sat.source=history sat.forward=dense", SATConfigError, "sat.forward='dense' needs source='current'"),
+    ("data.format=csv", RunConfigError, "'data.format' is 'csv'; choose one of auto, alpaca, messages"),
+    ("lora.r=0", RunConfigError, "config key 'lora.r' must be >= 1 or null (no LoRA), got 0"),
+    ("epochs=0", RunConfigError, "config key 'epochs' must be > 0 or null (use max_steps), got 0.0"),
+    ("interleaved_pairs=2", RunConfigError, "'interleaved_pairs' must be >= 4 or 0"),
     ("sat.schedule=cosine", SATConfigError, "sat.schedule='cosine'"),
     ("data=x", RunConfigError, "is a section"),
     ("novalue", RunConfigError, "is not key=value"),
 ])
 def test_bad_values_name_the_key(override, error, fragment):
     with pytest.raises(error) as e:
-        load_run_config(None, [override])
+        load_run_config(None, override.split(" "))
     assert fragment in str(e.value)
 
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import SATConfigError
+from ..config import check_layers
 from ..errors import ModelLoadError, RunConfigError
-from ..modeling.families import UnsupportedModelError
 from .run_config import EMBEDDED
 
 
@@ -85,19 +84,13 @@ def load_model_config(path: str):
 
 def check_supported(path: str) -> None:
     """UnsupportedModelError before anything is trained, from the config alone (no weights loaded): the
-    model_type must be a family of satlm's table (the full checks run when SAT is applied)."""
-    from ..modeling.families import FAMILIES, REFUSED, supported_classes
+    model_type must be a family of satlm's table (modeling.families.check_model_type; the full checks run when SAT
+    is applied)."""
+    from ..modeling.families import check_model_type
 
     config = load_model_config(path)
     name = (list(getattr(config, "architectures", None) or []) or [config.model_type])[0]
-    if config.model_type in REFUSED:
-        raise UnsupportedModelError(f"satlm does not support {name} (model_type {config.model_type!r}) from {path}: "
-                                    f"{REFUSED[config.model_type]}")
-    if config.model_type not in FAMILIES:
-        raise UnsupportedModelError(
-            f"satlm does not support {name} (model_type {config.model_type!r} has no satlm layout) from {path}; "
-            f"supported model classes: {', '.join(supported_classes())}"
-        )
+    check_model_type(config.model_type, name, f" from {path}")
 
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -126,14 +119,8 @@ def check_run_fits_model(cfg, path: str) -> None:
                              f"{path}); set seq_len <= {limit}")
     n_layers = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
                        "num_hidden_layers", None)
-    if cfg.sat.enabled and cfg.sat.layers is not None and isinstance(n_layers, int):
-        bad = [i for i in cfg.sat.layers if not -n_layers <= i < n_layers]
-        if bad:
-            raise SATConfigError(f"sat.layers={cfg.sat.layers!r}: layer {bad[0]} does not exist; the model has "
-                                 f"{n_layers} decoder layers: 0..{n_layers - 1}, or -{n_layers}..-1 from the end")
-        if len({i % n_layers for i in cfg.sat.layers}) < len(cfg.sat.layers):
-            raise SATConfigError(f"sat.layers={cfg.sat.layers!r} names a layer twice (the model has {n_layers} "
-                                 f"decoder layers: -1 is {n_layers - 1}); list each layer once")
+    if cfg.sat.enabled and isinstance(n_layers, int):
+        check_layers(cfg.sat.layers, n_layers, where="sat.layers")
 
 
 def load_tokenizer(path: str):

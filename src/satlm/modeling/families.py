@@ -174,19 +174,28 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
-def layout_for(model: nn.Module) -> Layout:
-    """The family's Layout, or UnsupportedModelError naming the class and what is missing."""
-    name = type(model).__name__
-    model_type = model_type_of(model)
+def check_model_type(model_type: str | None, name: str, where: str = "") -> Layout:
+    """The one support check: the Layout of the family `model_type`, or UnsupportedModelError naming the model
+    (`name`, its class; `where`, e.g. ' from PATH') and why. From a config alone (satlm train checks a model folder
+    before it loads the weights) or from a model (layout_for)."""
     if model_type in REFUSED:
-        raise UnsupportedModelError(f"satlm does not support {name} (model_type {model_type!r}): "
+        raise UnsupportedModelError(f"satlm does not support {name} (model_type {model_type!r}){where}: "
                                     f"{REFUSED[model_type]}")
-    layout = FAMILIES.get(model_type)
-    if layout is None or name not in layout.classes:
-        known = f"model_type {model_type!r} has no satlm layout" if layout is None else \
-            f"{name} is not one of {', '.join(layout.classes)}"
-        raise UnsupportedModelError(
-            f"satlm does not support {name} ({known}); supported model classes: {', '.join(supported_classes())}")
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(f"satlm does not support {name} (model_type {model_type!r} has no satlm layout)"
+                                    f"{where}; supported model classes: {', '.join(supported_classes())}")
+    return FAMILIES[model_type]
+
+
+def layout_for(model: nn.Module) -> Layout:
+    """The family's Layout, or UnsupportedModelError naming the class and what is missing (check_model_type; the
+    model's class must also be one of the family's)."""
+    name = type(model).__name__
+    layout = check_model_type(model_type_of(model), name)
+    if name not in layout.classes:
+        raise UnsupportedModelError(f"satlm does not support {name} ({name} is not one of "
+                                    f"{', '.join(layout.classes)}); supported model classes: "
+                                    f"{', '.join(supported_classes())}")
     return layout
 
 

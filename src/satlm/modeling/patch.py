@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from ..config import SATConfig, SATConfigError
+from ..config import SATConfig, SATConfigError, check_layers
 from ..errors import GradientCheckpointingError
 from .attention import SATAttention
 from .base import _SATModule
@@ -50,21 +50,6 @@ def _sat_modules(model: nn.Module) -> list[_SATModule]:
     return [m for m in _unwrap(model).modules() if isinstance(m, _SATModule)]
 
 
-def _resolve_layers(config: SATConfig, n_layers: int) -> list[int]:
-    if config.layers is None:
-        return list(range(n_layers))
-    allowed = f"the model has {n_layers} decoder layers: 0..{n_layers - 1}, or -{n_layers}..-1 from the end"
-    out: dict[int, int] = {}  # resolved index -> as given
-    for i in config.layers:
-        if not -n_layers <= i < n_layers:
-            raise SATConfigError(f"SATConfig.layers={config.layers!r}: layer {i} does not exist ({allowed})")
-        if i % n_layers in out:  # 1 and -1 of a 2-layer model are one layer
-            raise SATConfigError(f"SATConfig.layers={config.layers!r}: {out[i % n_layers]} and {i} are the same "
-                                 f"layer ({allowed}); list each layer once")
-        out[i % n_layers] = i
-    return sorted(out)
-
-
 def _checked(module: nn.Module | None, names: tuple[str, ...], known: set[str], where: str, layout: Layout):
     """The module if SAT can wrap it: every projection the layout names is there and a plain Linear, and no
     child module is unknown. A missing module (a layer without attention, say) is None."""
@@ -101,7 +86,7 @@ def _plan(model: nn.Module, layout: Layout, config: SATConfig) -> list[tuple]:
     changed yet)."""
     layers = decoder_layers(model, layout)
     plan = []
-    for i in _resolve_layers(config, len(layers)):
+    for i in check_layers(config.layers, len(layers)):
         layer = layers[i]
         attn = _checked(getattr(layer, layout.attn, None), layout.attn_projections(), layout.known_attn_children(),
                         f"layers[{i}].{layout.attn}", layout)
