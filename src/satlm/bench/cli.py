@@ -9,6 +9,12 @@ import os
 import platform
 import sys
 
+import yaml
+
+from ..config import SATConfig, SATConfigError, forward_conflict
+from ..fields import FieldSpec, field_problem, field_specs, read_value
+from .settings import HELD, SWEPT, UNUSED, held, sat_variants
+
 # glibc's allocator returns big blocks to the OS and faults them in again, which inflates the dense
 # baseline when variants are interleaved (measured: BENCHMARKS.md); glibc reads these only at process start.
 # 32 MiB is glibc's largest mmap threshold, and blocks of that size or more (the logits of B=4 x T=256 x
@@ -16,6 +22,72 @@ import sys
 # step, none in the SAT steps): MALLOC_MMAP_MAX_=0 serves every block from the heap, so no variant pays them.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
                  "MALLOC_MMAP_MAX_": "0"}
+
+
+# The SAT variants' settings are SATConfig's fields, declared there: each field is a flag below (its help, choices,
+# range and default are the field's), but for those the bench holds (runner.HELD, runner.UNUSED) and the three it
+# sweeps, which take comma lists.
+SWEEPS = {"omission_rate": ("--rates", "0.25,0.5,0.75"), "source": ("--sources", "current,history"),
+          "forward": ("--forwards", None)}  # None: SATConfig's default
+FLAG_NAMES = {"attn_omission_rate": ("--attn-rate", "--attn-omission-rate"),
+              "layers": ("--sat-layers",)}  # --layers is the model's number of layers
+SWEEP_DEFAULTS = {name: default if default is not None else str(field_specs(SATConfig)[name].default)
+                  for name, (_, default) in SWEEPS.items()}
+
+
+def sat_flags() -> dict[str, tuple[str, ...]]:
+    """SATConfig field -> its `satlm bench` option strings, for every field that is neither held nor swept."""
+    return {name: FLAG_NAMES.get(name, ("--" + name.replace("_", "-"),)) for name in field_specs(SATConfig)
+            if name not in HELD and name not in UNUSED and name not in SWEEPS}
+
+
+def _help(spec: FieldSpec, default, words: bool = False) -> str:
+    """The field's help, its default (as YAML writes it) and, for a flag that takes any value, what it takes."""
+    shown = default if isinstance(default, str) else yaml.safe_dump(default).splitlines()[0]
+    return f"{spec.help} (default: {shown}{'; ' + spec.words() if words else ''})".replace("%", "%%")
+
+
+def _reader(spec: FieldSpec):
+    """argparse's type for a field's flag: the text read as YAML (0.5, null, [0, -1]), then as the field's type,
+    then checked as the field declares."""
+    def read(text: str):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        value = read_value(spec, value)
+        problem = field_problem(spec, value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{text!r} {problem.words()}")
+        return value
+
+    read.__name__ = spec.name
+    return read
+
+
+def _add_sat_arguments(p: argparse.ArgumentParser) -> None:
+    held = ", ".join(list(HELD) + list(UNUSED))
+    group = p.add_argument_group(
+        "SAT settings", "SATConfig's fields, with the library's defaults: the bench measures what ships unless told "
+        "otherwise. Each variant runs at its own rate throughout (a constant schedule, and no SATCallback after the "
+        f"optimizer step), so these fields do not apply: {held}.")
+    specs = field_specs(SATConfig)
+    for name, (flag, _) in SWEEPS.items():
+        spec = specs[name]
+        group.add_argument(flag, default=SWEEP_DEFAULTS[name], metavar=name.upper() + ",...",
+                           help=_help(spec, SWEEP_DEFAULTS[name]).replace(
+                               " (default:", f" A comma list: one variant per value, each {spec.words()}. (default:"))
+    for name, flags in sat_flags().items():
+        spec, dest = specs[name], f"sat_{name}"  # args.layers is the model's
+        if bool in spec.kinds:
+            group.add_argument(*flags, dest=dest, default=spec.default, action=argparse.BooleanOptionalAction,
+                               help=_help(spec, spec.default))
+        elif spec.choices is not None:
+            group.add_argument(*flags, dest=dest, default=spec.default, choices=spec.choices,
+                               help=_help(spec, spec.default))
+        else:
+            group.add_argument(*flags, dest=dest, default=spec.default, type=_reader(spec), metavar=name.upper(),
+                               help=_help(spec, spec.default, words=True))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,25 +101,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--intermediate-size", type=int)
     p.add_argument("--heads", type=int)
     p.add_argument("--kv-heads", type=int)
-    p.add_argument("--layers", type=int)
+    p.add_argument("--layers", type=int, help="the model's number of decoder layers (SAT's layers: --sat-layers)")
     p.add_argument("--vocab-size", type=int)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--sources", default="current,history", help="comma list of current, history")
-    p.add_argument("--rates", default="0.25,0.5,0.75", help="comma list of omission rates in (0, 1)")
-    p.add_argument("--forwards", default="sparse",
-                   help="comma list of sparse, dense (sat.forward; dense runs with source current only)")
-    p.add_argument("--attn-rate", type=float,
-                   help="attention omission rate of every variant (e.g. 0: heads off); default: the rate")
-    p.add_argument("--selection", default="sample", choices=["sample", "topk", "random"])
     p.add_argument("--lora", type=int, metavar="R",
                    help="a LoRA adapter of rank R on every linear (peft; base weights frozen): LoRA-dense against "
                         "LoRA-SAT, the FLOP ideal counting the LoRA GEMMs; the kept-size model gets one too")
-    p.add_argument("--attn-unit", default="head", choices=["head", "kv_group"])
-    p.add_argument("--fused-scoring", default="auto", choices=["auto", "on", "off"],
-                   help="sat.fused_scoring of every SAT variant (auto: compiled on CUDA with Triton)")
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
@@ -60,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
                         "SAT alike; FLOPs and memory are counted on the eager step, which computes the same")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="draw speedup against rate beside the ideal (PNG)")
+    _add_sat_arguments(p)
     return p
 
 
@@ -74,20 +137,37 @@ def _ensure_allocator_env(argv: list[str], device: str) -> None:
     os.execve(sys.executable, [sys.executable, "-c", code, *argv], env)
 
 
-def _parse_list(text: str, name: str, cast, allowed=None):
-    out = []
+def _parse_list(text: str, flag: str, name: str) -> list:
+    """A sweep flag's comma list, each item read and checked as SATConfig's field `name` declares."""
+    spec, out = field_specs(SATConfig)[name], []
     for item in text.split(","):
         item = item.strip()
         if not item:
             continue
         try:
-            value = cast(item)
-        except ValueError:
-            raise SystemExit(f"satlm bench: --{name} has {item!r}, not a {cast.__name__}")
-        if allowed and value not in allowed:
-            raise SystemExit(f"satlm bench: --{name} has {item!r}; allowed: {', '.join(allowed)}")
+            value = read_value(spec, yaml.safe_load(item))
+        except yaml.YAMLError:
+            value = item
+        problem = field_problem(spec, value)
+        if problem is not None:
+            raise SystemExit(f"satlm bench: --{flag} has {item!r}, which {problem.words()}")
         out.append(value)
+    if not out:
+        raise SystemExit(f"satlm bench: --{flag} lists no value")
     return out
+
+
+def bench_config(args: argparse.Namespace, rates: list[float]) -> SATConfig:
+    """The SATConfig every SAT variant starts from: the flags' fields, at the largest rate of the sweep (layer_rates
+    are checked against it when SAT is applied), with the fields the bench holds."""
+    fields = {name: getattr(args, f"sat_{name}") for name in sat_flags()}
+    if fields["layer_rates"] == "auto":
+        raise SystemExit("satlm bench: --layer-rates auto is measured at the start of training (SATCallback, "
+                         "measure_layer_rates); give the bench a list of factors, one per decoder layer")
+    try:
+        return held(SATConfig(**fields, omission_rate=max(rates), schedule=HELD["schedule"]))
+    except SATConfigError as e:
+        raise SystemExit(f"satlm bench: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,12 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from .runner import PRESETS, Bench, Shape, build_model, kept_size_model, run, summarize, with_lora
 
-    sources = _parse_list(args.sources, "sources", str, ("current", "history"))
-    forwards = tuple(_parse_list(args.forwards, "forwards", str, ("sparse", "dense")))
-    rates = _parse_list(args.rates, "rates", float)
-    bad = [r for r in rates if not 0.0 < r < 1.0]
-    if bad:
-        raise SystemExit(f"satlm bench: --rates {bad} outside (0, 1)")
+    sources = _parse_list(args.sources, "sources", "source")
+    forwards = tuple(_parse_list(args.forwards, "forwards", "forward"))
+    rates = _parse_list(args.rates, "rates", "omission_rate")
+    sat = bench_config(args, rates)
+    if not sat_variants(sources, rates, forwards):
+        raise SystemExit(f"satlm bench: no variant: --sources {args.sources} with --forwards {args.forwards} "
+                         f"({forward_conflict('dense', 'history')})")
     shape = PRESETS[args.preset] if args.preset else Shape()
     for name in ("hidden_size", "intermediate_size", "heads", "kv_heads", "layers", "vocab_size"):
         if getattr(args, name) is not None:
@@ -121,15 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     model = build_model(shape, model_path, dtype, device, args.seq_len, args.attn_implementation)
     cfg = model.config
-    if args.attn_rate is not None and not 0.0 <= args.attn_rate < 1.0:
-        raise SystemExit(f"satlm bench: --attn-rate {args.attn_rate} outside [0, 1)")
     if args.lora is not None and args.lora < 1:
         raise SystemExit(f"satlm bench: --lora {args.lora}: the rank must be >= 1")
     base_model = model
     model = with_lora(model, args.lora)
     bench = Bench(model, per_layer=args.per_layer, batch_size=args.batch_size, seq_len=args.seq_len,
-                  device=device, attn_unit=args.attn_unit, attn_rate=args.attn_rate, selection=args.selection,
-                  compile=args.compile, fused_scoring=args.fused_scoring)
+                  device=device, sat=sat, compile=args.compile)
 
     what = "one decoder layer" if args.per_layer else f"{cfg.num_hidden_layers} layers"
     what += f", LoRA r={args.lora} on every linear" if args.lora else ""
@@ -144,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
 
     kept_size = None
     if args.kept_size:
-        kept_size = {r: Bench(with_lora(kept_size_model(base_model, r, args.attn_unit), args.lora),
+        kept_size = {r: Bench(with_lora(kept_size_model(base_model, r, sat.attn_unit), args.lora),
                               per_layer=args.per_layer,
                               batch_size=args.batch_size, seq_len=args.seq_len, device=device,
-                              attn_unit=args.attn_unit, compile=args.compile) for r in rates}
+                              attn_unit=sat.attn_unit, compile=args.compile) for r in rates}
     variants = run(bench, sources, rates, args.warmup, args.repeats, progress, kept_size, forwards)
     dense, rows = summarize(variants, bench.tokens)
     print(" " * 20, end="\r", file=sys.stderr)
@@ -162,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                   "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
                   "layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size, "per_layer": args.per_layer,
                   "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": args.dtype,
-                  "attn_unit": args.attn_unit, "attn_implementation": cfg._attn_implementation,
-                  "attn_rate": args.attn_rate, "selection": args.selection, "lora": args.lora,
-                  "compile": args.compile, "fused_scoring": args.fused_scoring},
+                  "attn_unit": sat.attn_unit, "attn_implementation": cfg._attn_implementation,
+                  "attn_rate": sat.attn_omission_rate, "selection": sat.selection, "lora": args.lora,
+                  "compile": args.compile, "fused_scoring": sat.fused_scoring},
+        # The settings every SAT variant shares (each row names its source, forward, rate, attn_rate and mlp_rate).
+        "sat": {k: v for k, v in bench.sat.to_dict().items() if k not in SWEPT},
         "dense": dense,
         "results": rows,
     }

@@ -8,6 +8,7 @@ timed round-robin, one full step each per round.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..config import SATConfig
 from ..core.ops import flash_cpu_available
 from ..modeling.patch import _unwrap, apply_sat, disable_sat
+from .settings import held, sat_variants
 
 
 @dataclass
@@ -43,11 +45,12 @@ class Variant:
     name: str
     source: str | None  # None = dense
     rate: float
-    forward: str = "sparse"  # SATConfig.forward
+    forward: str = "auto"  # SATConfig.forward (auto: the library's, resolved per source)
     times: list[float] = field(default_factory=list)
     flops: int = 0
     peak_memory_bytes: int = 0
     bench: "Bench | None" = None  # a variant on another model (the kept-size dense models); None: the main one
+    sat: SATConfig | None = None  # the SATConfig it ran with (set by Bench.variant); None: dense
 
 
 def build_model(shape: Shape, model_path: str | None, dtype: torch.dtype, device: str, seq_len: int,
@@ -180,14 +183,18 @@ def _sync(device: str) -> None:
 class Bench:
     """Holds the model, the data and the step function for whole-model or per-layer timing."""
 
-    def __init__(self, model, *, per_layer: bool, batch_size: int, seq_len: int, device: str, attn_unit: str,
-                 seed: int = 0, attn_rate: float | None = None, selection: str = "sample", compile: bool = False,
-                 fused_scoring: str = "auto"):
+    def __init__(self, model, *, per_layer: bool, batch_size: int, seq_len: int, device: str,
+                 sat: SATConfig | None = None, compile: bool = False, **settings):
+        """sat: the SATConfig every SAT variant starts from (default: the library's, SATConfig()); each variant
+        sets its own rate, source and forward, and the bench holds the schedule (HELD). settings: SATConfig fields
+        that replace sat's (attn_rate: attn_omission_rate, as before)."""
         self.model, self.per_layer, self.device = model, per_layer, device
-        # The attention omission rate of every variant: None = the variant's rate (heads and channels alike).
-        self.attn_rate = (lambda rate: None) if attn_rate is None else (lambda rate: attn_rate)
-        self.selection, self.fused_scoring = selection, fused_scoring
-        apply_sat(model, SATConfig(omission_rate=0.5, schedule="constant", attn_unit=attn_unit, seed=seed))
+        if "attn_rate" in settings:
+            settings["attn_omission_rate"] = settings.pop("attn_rate")
+        self.sat = held(dataclasses.replace(sat or SATConfig(), **settings))
+        self._configs: dict[tuple, SATConfig] = {}
+        seed = self.sat.seed
+        apply_sat(model, self.sat)
         self.runtime = model.sat_runtime
         g = torch.Generator().manual_seed(seed)
         vocab = model.config.vocab_size
@@ -231,15 +238,21 @@ class Bench:
                 yield
             return
         cfg = self.runtime.config
-        self.runtime.config = SATConfig(omission_rate=v.rate, attn_omission_rate=self.attn_rate(v.rate),
-                                        schedule="constant", source=v.source, attn_unit=cfg.attn_unit,
-                                        seed=cfg.seed, forward=v.forward, selection=self.selection,
-                                        fused_scoring=self.fused_scoring)
+        v.sat = self.config_for(v)
+        self.runtime.config = v.sat
         self.runtime.set_step(0, None)
         try:
             yield
         finally:
             self.runtime.config = cfg
+
+    def config_for(self, v: Variant) -> SATConfig:
+        """The SATConfig of a SAT variant: the bench's, at the variant's rate, source and forward."""
+        key = (v.rate, v.source, v.forward)
+        if key not in self._configs:
+            self._configs[key] = dataclasses.replace(self.sat, omission_rate=v.rate, source=v.source,
+                                                     forward=v.forward)
+        return self._configs[key]
 
     def forward_backward(self, compiled: bool = True) -> None:
         """One forward and backward; compiled (with --compile) unless told otherwise (FLOP and memory counts)."""
@@ -318,14 +331,11 @@ class Bench:
 
 
 def run(bench: Bench, sources: list[str], rates: list[float], warmup: int, repeats: int,
-        progress=None, kept_size: dict[float, Bench] | None = None, forwards: tuple[str, ...] = ("sparse",)
+        progress=None, kept_size: dict[float, Bench] | None = None, forwards: tuple[str, ...] = ("auto",)
         ) -> list[Variant]:
-    """Dense, then each source (and forward: sparse, dense; history runs sparse only) at each rate, then
-    (kept_size: rate -> Bench of a kept-size dense model) the kept-size dense models, all timed round-robin:
-    one full step each per round."""
-    variants = [Variant("dense", None, 0.0)]
-    variants += [Variant(f"{s}@{r:g}" if fw == "sparse" else f"{s}/dense@{r:g}", s, r, fw)
-                 for s in sources for fw in forwards for r in rates if not (s == "history" and fw == "dense")]
+    """Dense, then each source and forward (sat_variants) at each rate, then (kept_size: rate -> Bench of a
+    kept-size dense model) the kept-size dense models, all timed round-robin: one full step each per round."""
+    variants = [Variant("dense", None, 0.0)] + [Variant(*v) for v in sat_variants(sources, rates, forwards)]
     variants += [Variant(f"kept-size@{r:g}", None, r, bench=b) for r, b in (kept_size or {}).items()]
     for v in variants:  # warm-up, FLOPs (history: after its statistics are seeded) and memory
         b = v.bench or bench
@@ -353,8 +363,10 @@ def summarize(variants: list[Variant], tokens: int) -> tuple[dict, list[dict]]:
         ideal = dense.flops / v.flops if v.flops else float("nan")
         speed = d_med / med
         q = statistics.quantiles(v.times, n=4) if len(v.times) >= 2 else [med, med, med]
-        return {"source": v.source or "dense", "forward": v.forward if v.source else "dense", "rate": v.rate,
-                "ideal_speedup": ideal, "speedup": speed,
+        sat = v.sat if v.source else None
+        return {"source": v.source or "dense", "forward": sat.effective_forward if sat else "dense", "rate": v.rate,
+                "selection": sat.selection if sat else None, "attn_rate": sat.max_attn_rate if sat else 0.0,
+                "mlp_rate": sat.max_mlp_rate if sat else 0.0, "ideal_speedup": ideal, "speedup": speed,
                 "efficiency": speed / ideal if ideal else float("nan"), "tokens_per_second": tokens / med,
                 "peak_memory_bytes": v.peak_memory_bytes, "step_seconds_median": med,
                 "step_seconds_iqr": q[2] - q[0], "spread": (q[2] - q[0]) / med, "flops": v.flops,
