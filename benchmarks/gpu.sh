@@ -146,7 +146,7 @@ else
     bench_step=("${tiny[@]}")
     limits=(30 60 40 40 60)
 fi
-common=(--kept-size --sources current,history --forwards sparse,dense --rates 0.25,0.5)
+common=(--kept-size --sources current,history --forwards sparse,dense --rates 0.25,0.5 --selection sample --attn-rate null)  # the setting the step targets were set for: heads and channels at the rate
 
 echo "satlm GPU check ($mode mode), results in $out, budget ${budget}s"
 run_section env "${limits[0]}" "$PY" -c "$env_script" "$out/env.json" "$mode"

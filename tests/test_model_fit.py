@@ -40,7 +40,7 @@ def test_layers_the_model_lacks_name_its_layer_count(make_model, layers, fragmen
 
 def test_run_config_layers_checked_against_the_model_config(tiny_model_dir):
     check_run_fits_model(load_run_config(None, ["seq_len=32", "sat.layers=[0, -1]"]), str(tiny_model_dir))
-    with pytest.raises(SATConfigError, match=r"sat.layers=\[0, 7\]: layer 7 does not exist; the model has 2 "
+    with pytest.raises(SATConfigError, match=r"sat.layers=\[0, 7\]: layer 7 does not exist \(the model has 2 "
                                              r"decoder layers: 0..1, or -2..-1 from the end"):
         check_run_fits_model(load_run_config(None, ["seq_len=32", "sat.layers=[0, 7]"]), str(tiny_model_dir))
     with pytest.raises(SATConfigError, match=r"sat.layers=\[0, -2\] names a layer twice"):
