@@ -18,7 +18,7 @@ from tiny_run import (Poison, StopAt, run_overrides, start_train, tiny_data, tin
 
 from satlm.cli import main as cli_main
 from satlm.errors import CheckpointError, NumericalError, RunConfigError
-from satlm.app import guard
+from satlm.app import guard, rundir
 from satlm.app.guard import GOOD_NAME, FaultGuard, checkpoints, is_good
 from satlm.app.recorder import read_jsonl_records
 from satlm.app.train import run_train
@@ -185,13 +185,13 @@ def test_with_save_steps_0_the_space_check_asks_for_the_final_model_only(tmp_pat
                                                                         monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    weights = guard.model_bytes(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    weights = rundir.model_bytes(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     free = int(1.5 * weights)  # room for the weights, not for weights plus Adam's two moments
-    monkeypatch.setattr(guard, "disk_usage", lambda p: namedtuple("usage", "total used free")(10**9, 10**9, free))
+    monkeypatch.setattr(rundir, "disk_usage", lambda p: namedtuple("usage", "total used free")(10**9, 10**9, free))
     assert run_train(_config(tiny_model_dir, tiny_data, tmp_path / "a", save_steps=0), quiet=True)["completed"]
     with pytest.raises(RunConfigError, match="less than one checkpoint takes"):
         run_train(_config(tiny_model_dir, tiny_data, tmp_path / "b", save_steps=3), quiet=True)
-    monkeypatch.setattr(guard, "disk_usage", lambda p: namedtuple("usage", "total used free")(10**9, 10**9, 4096))
+    monkeypatch.setattr(rundir, "disk_usage", lambda p: namedtuple("usage", "total used free")(10**9, 10**9, 4096))
     with pytest.raises(RunConfigError, match=r"less than the final model takes \(about [0-9.]+ MiB: its weights; "
                                              r"save_steps=0 writes no checkpoint\)"):
         run_train(_config(tiny_model_dir, tiny_data, tmp_path / "c", save_steps=0), quiet=True)

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from satlm.cli import main as cli_main
 from satlm.errors import CheckpointError, RunConfigError, TrainingInterrupted
-from satlm.app import guard
+from satlm.app import guard, rundir
 from satlm.app.recorder import read_jsonl_records
 from satlm.app.train import run_train
 from satlm.app.run_config import load_run_config
@@ -187,7 +187,7 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, tiny_model_dir, t
     def refuse(folder):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder / ".satlm-write-test"))
 
-    monkeypatch.setattr(guard, "_write_probe", refuse)
+    monkeypatch.setattr(rundir, "_write_probe", refuse)
     with pytest.raises(RunConfigError, match=f"output_dir {out} is not writable: Permission denied"):
         run_train(_config(tiny_model_dir, tiny_data, out), quiet=True)
     assert not (out / "metrics.jsonl").exists()
@@ -207,7 +207,7 @@ def test_read_only_output_dir(tmp_path, tiny_model_dir, tiny_data):
 
 def test_too_little_free_space_fails_before_training(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(guard, "disk_usage", lambda path: namedtuple("usage", "total used free")(10**9, 10**9, 4096))
+    monkeypatch.setattr(rundir, "disk_usage", lambda path: namedtuple("usage", "total used free")(10**9, 10**9, 4096))
     with pytest.raises(RunConfigError, match=r"0.0 MiB free on its disk, less than one checkpoint takes \(about "
                                              r"[0-9.]+ MiB: weights and optimizer state\)"):
         run_train(_config(tiny_model_dir, tiny_data, out), quiet=True)

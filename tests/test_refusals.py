@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import satlm
-from conftest import batch, tiny_model
+from conftest import tiny_model
 from satlm import UnsupportedModelError
 
 

@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 
 from satlm.cli import main as cli_main
 from satlm.errors import DataError, RunConfigError
-from satlm.app import guard
-from satlm.app.guard import LOCK_NAME, MARKER_NAME, PREVIOUS_DIR, RunDir, RunLock, claim_output_dir, read_marker
+from satlm.app import guard, rundir
+from satlm.app.rundir import LOCK_NAME, MARKER_NAME, PREVIOUS_DIR, RunDir, RunLock, claim_output_dir, read_marker
 from satlm.app.recorder import read_jsonl_records
 from satlm.app.train import run_train
 from satlm.app.run_config import load_run_config
@@ -190,7 +190,7 @@ def test_a_failed_pre_flight_check_leaves_the_previous_run(tmp_path, tiny_model_
     run_train(_config(tiny_model_dir, tiny_data, out, save_steps=1), quiet=True)
     before = _tree(out)
     if failure == "disk":  # a nearly full disk: the check fails, and the previous run is still there
-        monkeypatch.setattr(guard, "disk_usage", lambda p: namedtuple("usage", "total used free")(10**9, 10**9, 4096))
+        monkeypatch.setattr(rundir, "disk_usage", lambda p: namedtuple("usage", "total used free")(10**9, 10**9, 4096))
         error, match = RunConfigError, "free on its disk, less than one checkpoint takes"
         extra = {}
     else:
@@ -291,7 +291,7 @@ def test_claim_output_dir_for_a_comparison(tmp_path, tiny_model_dir, tiny_data):
 
 def test_a_new_folder_is_removed_again_when_it_fails_its_check(tmp_path, monkeypatch):
     out = tmp_path / "new" / "run"
-    monkeypatch.setattr(guard, "disk_usage", lambda p: namedtuple("usage", "total used free")(10**9, 10**9, 4096))
+    monkeypatch.setattr(rundir, "disk_usage", lambda p: namedtuple("usage", "total used free")(10**9, 10**9, 4096))
     run_dir = RunDir(out, "train", ("config.yaml",))
     run_dir.plan()
     with pytest.raises(RunConfigError, match="free on its disk"):

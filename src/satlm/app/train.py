@@ -2,7 +2,7 @@
 
 A flat recipe: setup (output dir, model, data, Trainer) -> train -> save -> cleanup. The run directory:
 
-    .satlm-run.json  the marker: the run's id and kind, and every name the run writes (guard.RunDir); written
+    .satlm-run.json  the marker: the run's id and kind, and every name the run writes (rundir.RunDir); written
                      first, so that overwrite removes only what this run wrote
     .satlm-run.lock  flock-ed by the process that runs here (one at a time); holds its PID
     config.yaml      the resolved config
@@ -39,10 +39,11 @@ from ..errors import CheckpointError, DataError, NumericalError, RunConfigError
 from .run_config import RunConfig
 from ..data import build_datasets
 from .evaluate import evaluate_loss
-from .guard import (STAGING_DIR, AtomicCheckpoints, FaultGuard, NothingLeftToTrain, RunDir, catch_stop_signals,
-                    check_checkpoint_loads, checkpoint_bytes, checkpoints, disk_full, model_bytes, no_space,
-                    remove_path, replace_dir, resume_hint)
-from .guard import check_output_dir, checkpoint_step, claim_output_dir  # noqa: F401  (for compare and callers)
+from .guard import (STAGING_DIR, AtomicCheckpoints, FaultGuard, NothingLeftToTrain, catch_stop_signals,
+                    check_checkpoint_loads, checkpoints, disk_full, no_space, remove_path, replace_dir, resume_hint)
+from .guard import checkpoint_step  # noqa: F401  (for callers)
+from .rundir import RunDir, checkpoint_bytes, model_bytes
+from .rundir import check_output_dir, claim_output_dir  # noqa: F401  (for compare and callers)
 from .model_io import check_run_fits_model, check_supported, load_model, load_tokenizer, resolve_model_path
 from .plots import plot_run
 from .recorder import EVAL_NAME, METRICS_NAME, LoggedLossTrainer, LossWindow, RunRecorder
@@ -83,7 +84,7 @@ def _refuse_linked_final(out: Path) -> None:
 
 def plan_output_dir(cfg: RunConfig, run_dir: RunDir) -> str | None:
     """The checkpoint to resume from, or None; raises before anything changes: the folder must be satlm's
-    (guard.RunDir.plan), the checkpoint whole and loadable."""
+    (rundir.RunDir.plan), the checkpoint whole and loadable."""
     checkpoint = _resume_checkpoint(cfg, run_dir.path)
     run_dir.plan(overwrite=cfg.overwrite, resume=checkpoint is not None)
     if checkpoint is None:
@@ -193,7 +194,7 @@ def run_train(cfg: RunConfig, callbacks: Sequence = (), quiet: bool = False) -> 
     """Train as `cfg` says and write the run directory; return the summary (also in summary.json).
 
     The output folder is checked first (its owner, a lock, the checkpoint to resume from) and changed last,
-    after every other pre-flight check passed (see guard.RunDir); it stays locked until this returns."""
+    after every other pre-flight check passed (see rundir.RunDir); it stays locked until this returns."""
     if cfg.output_dir.startswith("~"):
         cfg.output_dir = os.path.expanduser(cfg.output_dir)  # as TrainingArguments does for the checkpoints
     run_dir = RunDir(cfg.output_dir, "train", RUN_WRITES)
