@@ -88,6 +88,25 @@ def test_a_linear_schedule_is_timed_at_a_few_levels():
     assert interleaved.interpolate({1.0: 2.0}, 0.25) == pytest.approx(1.25)
 
 
+def test_two_untimed_warm_up_pairs_then_alternating_timed_pairs(monkeypatch):
+    """The first level starts with two untimed pairs (dense first, then SAT first); every timed pair alternates the
+    order, and the times kept are the timed steps' own, in (dense, SAT) order."""
+    calls, clock = [], iter(range(1, 1000))
+    monkeypatch.setattr(interleaved, "_step", lambda tr, group, norm: calls.append((tr, group)) or next(clock))
+    monkeypatch.setattr("satlm.modeling.patch.set_sat_step", lambda model, step, steps: None)
+    dense, sat = type("T", (), {"model": None})(), type("T", (), {"model": None})()
+    times: dict = {}
+    interleaved._time_levels(dense, sat, {1.0: 0, 0.5: 3}, 8, 4, ["b0", "b1", "b2", "b3"], 1.0, times)
+    assert len(calls) == 2 * (2 + 4 + 4)
+    order = [tr is dense for tr, _ in calls]
+    assert order[:4] == [True, False, False, True]          # the warm-up pairs: dense first, then SAT first
+    assert order[4:12] == [True, False, False, True] * 2     # the timed pairs of level 1.0 alternate
+    assert [g for _, g in calls[:4]] == ["b2", "b2", "b3", "b3"]  # warm-ups on batches -2, -1 (the last two)
+    # clock: warm-ups took times 1-4, level 1.0's pairs 5-12 (dense first: 5, 6; SAT first: 7 then dense 8)
+    assert times[1.0] == [(5, 6), (8, 7), (9, 10), (12, 11)]
+    assert len(times[0.5]) == 4 and all(d != s for d, s in times[0.5])
+
+
 # -- end to end -----------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_compare_writes_the_paired_measurement(tmp_path, tiny_model_dir, tiny_data):

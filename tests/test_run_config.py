@@ -20,7 +20,7 @@ REQUIRED_KEYS = ("task", "model", "output_dir", "max_steps", "batch_size", "grad
                  "save_steps", "eval_steps", "resume", "sat.enabled", "data.train", "data.eval")
 
 
-def test_issue_keys_and_every_sat_field_are_config_keys():
+def test_required_keys_and_every_sat_field_are_config_keys():
     keys = set(config_keys())
     assert set(REQUIRED_KEYS) <= keys
     assert {f"sat.{f.name}" for f in dataclasses.fields(SATConfig)} <= keys

@@ -7,7 +7,7 @@ batches, in the run's order), so that both sides see the same machine at the sam
 within pairs (dense first, then SAT first), cancelling a drift across a pair.
 
 The run *as scheduled*: every distinct omission level of the SAT schedule (each ladder rung; a few evenly spaced
-levels of a linear schedule, interpolated between) is timed with at least `pairs` pairs after one warm-up pair,
+levels of a linear schedule, interpolated between) is timed with at least `pairs` pairs after two warm-up pairs,
 with the SAT copy set to a step of the schedule at that level (so per-layer rates and every other setting apply
 as in the run). Dense stretches of the schedule (its dense start and tail) count as 1.0x. With ratio(f) the
 median of the pairs' dense / SAT step-time ratios at level f, the schedule's T steps take
@@ -39,6 +39,7 @@ import torch
 from .run_config import RunConfig
 
 INTERLEAVED_JSON = "interleaved.json"
+WARMUP_PAIRS = 2  # untimed pairs (dense first, then SAT first) before the first level's timed pairs
 MOST_LEVELS = 6  # a schedule with more distinct levels (linear) is timed at this many, interpolated between
 
 
@@ -212,18 +213,19 @@ def _step(trainer, micro_batches, max_grad_norm: float) -> float:
 
 def _time_levels(dense, sat, levels: dict[float, int], steps: int, pairs: int, batches, max_grad_norm: float,
                  times: dict) -> None:
-    """Pairs of steps at each level, the order alternating, after one warm-up pair: times[level] = [(dense s,
-    SAT s), ...]."""
+    """Pairs of steps at each level, the order alternating, after WARMUP_PAIRS warm-up pairs: times[level] =
+    [(dense s, SAT s), ...]. (With one warm-up pair, the first timed step on SmolLM2-135M once took 2.4x its
+    neighbours' time, in a dense-against-dense check; BENCHMARKS.md, "How steady the interleaved ratio is".)"""
     from ..modeling.patch import set_sat_step
 
     for n, (level, step) in enumerate(levels.items()):
         set_sat_step(sat.model, step, steps)
-        rounds = ([-1] if n == 0 else []) + list(range(pairs))
+        rounds = (list(range(-WARMUP_PAIRS, 0)) if n == 0 else []) + list(range(pairs))
         for i in rounds:
             group = batches[i % len(batches)]
             order = (dense, sat) if i % 2 == 0 else (sat, dense)
             t = {id(tr): _step(tr, group, max_grad_norm) for tr in order}
-            if i >= 0:
+            if i >= 0:  # warm-up pairs (i < 0) are not timed
                 times.setdefault(level, []).append((t[id(dense)], t[id(sat)]))
 
 
