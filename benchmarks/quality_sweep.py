@@ -3,6 +3,7 @@
     python benchmarks/quality_sweep.py --task cpt --out runs/sweep-cpt [--seeds 0,1] [--variants NAME,...]
         [key=value ...]
     python benchmarks/quality_sweep.py table benchmarks/quality/cpt-paired.jsonl
+    python benchmarks/quality_sweep.py speed --task cpt --variants c50,c28 [--pairs 6] [key=value ...]
 
 Every variant is `satlm compare configs/real-<task>.yaml <the sweep's overrides> <the variant's overrides>
 seeds=[...]` with output_dir=OUT/<variant>, whose seed-S/dense is a link to the shared dense run of seed S
@@ -11,6 +12,10 @@ After each variant its row is appended to benchmarks/quality/<task>-paired.jsonl
 (mean over seeds, SE; per seed), speedup_interleaved and its IQR, time- and tokens-to-quality, the mean omission
 rates, the curves and the command, so a stopped sweep loses nothing; rerunning skips variants already recorded
 with those seeds, and rerunning with more seeds reuses the finished runs of the first ones.
+
+`speed` measures only the variants' interleaved speed (`satlm compare`'s phase, satlm.app.interleaved.measure, no
+training): every variant timed in one sitting on one machine, so that their ratios can be set side by side; rows
+go to benchmarks/quality/<task>-speed.jsonl with the date, the machine's CPU and the allocator settings.
 
 Timing: set SATLM_CPU_LOCK (default here /tmp/satlm-cpu.lock) and wrap any other heavy job in
 `flock /tmp/satlm-cpu.lock ...`: the interleaved timing of each compare holds that lock, so the job waits while
@@ -51,6 +56,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "l4-lr": (ladder(0.5, 4, "sat.dense_tail=0.1", "sat.rung_placement=lr", "sat.dense_start=0.05"),
               "ladder 4 from 0.5, rungs of equal LR share, 5% dense start, 10% dense tail"),
     "c50-auto": (constant(0.5, "sat.layer_rates=auto"), "r=0.5 throughout, per-layer rates by sensitivity"),
+    "c62": (constant(0.625), "r=0.625 throughout, no dense tail (between 0.5 and 0.75)"),
     "c62-auto": (constant(0.625, "sat.layer_rates=auto"), "r=0.625 throughout, per-layer rates by sensitivity"),
     "c75-auto": (constant(0.75, "sat.layer_rates=auto"), "r=0.75 throughout, per-layer rates by sensitivity"),
     "c58-mid": (constant(0.577, f"sat.layers={MID}"),
@@ -219,7 +225,54 @@ def table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def speed(argv) -> int:
+    """Interleaved speed of each variant alone (module doc), appended to benchmarks/quality/TASK-speed.jsonl."""
+    import platform
+
+    from satlm.app import interleaved
+    from satlm.app.run_config import load_run_config
+
+    p = argparse.ArgumentParser(prog="quality_sweep.py speed")
+    p.add_argument("--task", choices=["cpt", "sft"], required=True)
+    p.add_argument("--variants", required=True, help="comma list of: " + ", ".join(VARIANTS))
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--results", default=None)
+    p.add_argument("overrides", nargs="*", help="key=value for every variant (max_steps=120 ...)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("SATLM_CPU_LOCK", "/tmp/satlm-cpu.lock")
+    results = Path(args.results) if args.results else RESULTS / f"{args.task}-speed.jsonl"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    for name in [v for v in args.variants.split(",") if v]:
+        overrides, what = VARIANTS[name]
+        cfg = load_run_config(f"configs/real-{args.task}.yaml", [*args.overrides, *overrides, "progress=false"])
+        m = interleaved.measure(cfg, cfg.max_steps, pairs=args.pairs, quiet=True)
+        r = {"variant": name, "what": what, "date": time.strftime("%Y-%m-%d %H:%M"), "task": args.task,
+             "overrides": [*args.overrides, *overrides], "steps": cfg.max_steps, "pairs": args.pairs,
+             "speedup_interleaved": m["speedup_interleaved"], "speedup_interleaved_iqr": m["speedup_interleaved_iqr"],
+             "dense_step_seconds": m.get("dense_step_seconds"), "seconds": m["seconds"],
+             "levels": [{k: lv[k] for k in ("schedule_fraction", "ratio", "steps_at_level", "dense_seconds",
+                                            "sat_seconds")} for lv in m["levels"]],
+             "cpu": cpu, "avx512": "avx512f" in flags, "threads": torch_threads(),
+             "allocator": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+        with open(results, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        lo, hi = r["speedup_interleaved_iqr"]
+        print(f"[speed] {name}: {r['speedup_interleaved']:.3f}x (IQR {lo:.3f}-{hi:.3f}), dense step "
+              f"{r['dense_step_seconds']:.2f} s, {r['seconds']:.0f} s", flush=True)
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "speed":  # quality_sweep.py speed --task cpt --variants ...
+        sys.exit(speed(sys.argv[2:]))
     if len(sys.argv) > 1 and sys.argv[1] == "table":  # quality_sweep.py table RESULTS.jsonl
         print(table(Path(sys.argv[2])))
         sys.exit(0)
