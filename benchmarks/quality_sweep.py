@@ -61,6 +61,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "c75-auto": (constant(0.75, "sat.layer_rates=auto"), "r=0.75 throughout, per-layer rates by sensitivity"),
     "c58-mid": (constant(0.577, f"sat.layers={MID}"),
                 "first and last two layers dense, r=0.577 in the others (FLOP-matched to c50)"),
+    "c50-unb": (constant(0.5, "sat.selection=unbiased"),
+                "r=0.5 throughout, channels drawn with p proportional to l2 (capped at 1), gradients weighted by 1/p"),
     "c50-skip": (constant(0.5, "sat.omitted_update=skip"), "r=0.5 throughout, omitted units' updates skipped"),
     "drop50": (constant(0.0, "sat.layer_drop_rate=0.5"), "whole-layer backward skipping (DropBP) at 0.5, no "
                "channel omission"),

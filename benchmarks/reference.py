@@ -139,7 +139,8 @@ def mlp_out_proj(layer):
 def reference_step(model, data: dict, rate: float | Callable[[int, str], float | None] | None = None,
                    unit: str = "head", forward: str = "sparse", kept: dict | None = None,
                    autocast: torch.dtype | None = None, *, attn_rate: float | None = None,
-                   rows: torch.Tensor | None = None) -> Step:
+                   rows: torch.Tensor | None = None,
+                   weights: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> Step:
     """Loss, gradients, kept sets and scores of the masked dense reference on the plain HF `model` (which it
     runs forward and backward; its gradients are cleared first).
 
@@ -147,6 +148,8 @@ def reference_step(model, data: dict, rate: float | Callable[[int, str], float |
     (heads or KV groups at `attn_rate` when given). rate may also be a function (layer, comp) -> rate, where
     None leaves that projection as it is. rows (B, T): 1 in the rows the omission applies to (the others keep
     every unit), which are also the only rows scored. Scores are recorded either way (for the near-tie report).
+    weights(layer, scores) -> (f,): with forward="dense", the MLP's kept channels' gradients are multiplied by
+    these (the masked input h*m of the cut projection becomes h*m*w; its value stays the dense one).
     The loss is the model's, or for a bare model (no LM head) the mean square of its last hidden state."""
     if forward not in ("sparse", "dense"):
         raise ValueError(f"forward={forward!r}")
@@ -200,6 +203,8 @@ def reference_step(model, data: dict, rate: float | Callable[[int, str], float |
                 return None
             m = torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device)
             m[units] = 1
+            if weights is not None:
+                m = m * weights(i, s).to(device=h.device, dtype=h.dtype)
             return cut(mod, h, m, output)
 
         def attn_hook(mod, args, output, i=i, n_h=n_h, n_kv=n_kv):

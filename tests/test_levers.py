@@ -419,3 +419,105 @@ def test_skip_is_refused_where_it_cannot_be_exact():
         satlm.apply_sat(model, satlm.SATConfig(omitted_update="skip"))
     with pytest.raises(SATConfigError, match="omitted_update"):
         satlm.SATConfig(omitted_update="lazy")
+
+
+# -- f. unbiased sampling ---------------------------------------------------------------------------------
+def capped_probabilities(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """p_i = min(1, c s_i), sum p = k, by repeated capping (written here, independently of satlm's)."""
+    s = [max(float(v), float(scores.max()) * 1e-12) for v in scores]
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(len(s)) if i not in capped]
+        c = (k - len(capped)) / sum(s[i] for i in free)
+        over = [i for i in free if c * s[i] > 1.0]
+        if not over:
+            return torch.tensor([1.0 if i in capped else c * s[i] for i in range(len(s))], dtype=torch.float64)
+        capped.update(over)
+
+
+def test_unbiased_selection_includes_each_unit_with_its_probability():
+    from satlm.core.selection import inclusion_probabilities, select_unbiased
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(24, generator=g) ** 4
+    scores[[3, 7]] = 50.0  # two units above the cap
+    scores[5] = 0.0  # a dead unit keeps a (tiny) chance
+    k = 9
+    p = inclusion_probabilities(scores, k)
+    assert torch.allclose(p, capped_probabilities(scores, k), rtol=1e-9, atol=1e-15)
+    assert p[3] == 1.0 and p[7] == 1.0 and 0 < p[5] < 1e-9
+    draws, counts = 20000, torch.zeros(24, dtype=torch.float64)
+    for _ in range(draws):
+        idx, w = select_unbiased(scores, k, torch.rand(24, generator=g))
+        assert idx.numel() == k and torch.equal(idx, torch.unique(idx))  # k distinct units, ascending
+        assert torch.allclose(w.double(), 1.0 / p[idx], rtol=1e-6)
+        counts[idx] += 1
+    freq = counts / draws
+    sd = (p * (1 - p) / draws).sqrt()
+    assert ((freq - p).abs() <= 5 * sd + 1e-12).all(), (freq - p).abs().max()
+
+
+@pytest.mark.parametrize("unfused", [False, True])
+def test_unbiased_matches_the_weighted_reference(unfused):
+    extra = {"hidden_act": "gelu"} if unfused else {}
+    model = tiny_model("llama", hidden=D, inter=FF, heads=H, kv_heads=KV, layers=2, vocab=V, **extra)
+    data = batch(vocab=V, b=B, t=T, pad=True)
+    plain = copy.deepcopy(model)
+    loss, grads = sat_step(model, data, omission_rate=0.5, selection="unbiased", seed=3)
+    kept = {}
+    for layer in range(2):
+        kept[(layer, "mlp")] = model.model.layers[layer].mlp.sat_last_kept.tolist()
+        kept[(layer, "attn")] = list(range(H))
+    k = keep(FF, 0.5)
+    ref = reference_step(plain, data, forward="dense", kept=kept,
+                         weights=lambda i, s: 1.0 / capped_probabilities(s, k))
+    assert torch.allclose(loss, ref.loss, rtol=1e-10)  # the forward is the dense model's
+    assert_same_grads(grads, trained(ref.grads))
+    # and not the unweighted top-k step (the weights matter)
+    flat = reference_step(copy.deepcopy(plain), data, forward="dense", kept=kept)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert (grads[name] - flat.grads[name]).norm() > 0.1 * flat.grads[name].norm()
+
+
+def test_unbiased_gradient_averages_to_the_dense_gradient():
+    model, data = model_and_data(layers=1)
+    dense = copy.deepcopy(model)
+    dense(**data).loss.backward()
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", omission_rate=0.5, selection="unbiased", seed=0))
+    draws = 400
+    total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for _ in range(draws):  # every forward draws a new selection; the weights do not move
+        model.zero_grad(set_to_none=True)
+        model(**data).loss.backward()
+        for n, p in model.named_parameters():
+            total[n] += p.grad
+    got = {n: t / draws for n, t in total.items()}
+    want = dict(grads_of(dense))
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+                 "model.embed_tokens.weight"):
+        err = (got[name] - want[name]).norm()
+        assert err / want[name].norm() < 0.06, (name, (err / want[name].norm()).item())  # 0.013-0.043 measured
+    # top-k's gradient is biased: the omitted channels never get one
+    model_topk, _ = model_and_data(layers=1)
+    _, topk = sat_step(model_topk, data, omission_rate=0.5)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert (topk[name] - want[name]).norm() / want[name].norm() > 0.12  # 0.18 measured
+
+
+def test_unbiased_flops_are_top_k_flops():
+    model, data = model_and_data(layers=2)
+    dense = step_flops(model, data)
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", omission_rate=0.5, selection="unbiased"))
+    n_tokens = int(data["attention_mask"].sum())
+    k = keep(FF, 0.5)
+    expected = dense - 2 * 12 * D * (FF - k) * B * T  # the MLP backward over kept channels (every row, padded too)
+    measured = step_flops(model, data)
+    assert abs(measured - expected) / expected < 0.02, (measured, expected, n_tokens)
+
+
+def test_unbiased_is_refused_where_it_is_not_exact():
+    for kw in ({"attn_omission_rate": 0.5}, {"forward": "sparse"}, {"source": "history"}):
+        with pytest.raises(SATConfigError, match="unbiased"):
+            satlm.SATConfig(selection="unbiased", **kw)
+    with pytest.raises(SATConfigError, match="selection"):
+        satlm.SATConfig(selection="vcas")

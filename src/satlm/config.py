@@ -19,7 +19,7 @@ from .errors import SATLMError
 from .fields import Problem, check_fields, is_number
 
 METRICS = ("l2", "l1", "output", "random")
-SELECTIONS = ("sample", "topk", "random")
+SELECTIONS = ("sample", "topk", "random", "unbiased")
 SOURCES = ("current", "history")
 SCHEDULES = ("ladder", "constant", "linear", "steps")
 ATTN_UNITS = ("head", "kv_group")
@@ -106,7 +106,9 @@ class SATConfig:
     selection: str = field(default="topk", metadata={
         "choices": SELECTIONS,
         "help": "How kept units are chosen from scores: topk (default; measured best on a real model), sample "
-                "(Gumbel-top-k, proportional to score), random."})
+                "(Gumbel-top-k, proportional to score), random, unbiased (MLP channels with forward dense: drawn with "
+                "inclusion probability p proportional to score, the kept channels' gradients weighted by 1/p, an "
+                "unbiased estimate of the dense gradient; docs/method.md)."})
     source: str = field(default="current", metadata={
         "choices": SOURCES,
         "help": "current: importance from this batch's forward (paper mode); history: from earlier steps, so the "
@@ -233,6 +235,12 @@ class SATConfig:
                 raise SATConfigError(f"{p}layer_rates=[] must be a non-empty list of numbers >= 0 (one factor per "
                                      "decoder layer), 'auto' or null")
             self.layer_rates = [float(v) for v in rates]
+        if self.selection == "unbiased" and (self.max_attn_rate > 0 or self.effective_forward != "dense"):
+            raise SATConfigError(f"{p}selection='unbiased' weights the kept MLP channels' gradients by 1/p, which is "
+                                 "exact only where the forward is the dense model's and for MLP channels: it needs "
+                                 "source='current' with forward='dense' and attn_omission_rate=0 (got "
+                                 f"source={self.source!r}, forward={self.forward!r}, attention rate "
+                                 f"{self.max_attn_rate:g})")
         if self.loss_tokens_dense and self.max_attn_rate > 0:
             raise SATConfigError(f"{p}loss_tokens_dense=True omits MLP channels only, but the attention rate is "
                                  f"{self.max_attn_rate:g}: set attn_omission_rate=0 (attention mixes the rows, so a "

@@ -176,13 +176,14 @@ def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 # Positions of _SwiGLU.forward's inputs, for ctx.needs_input_grad (named: an off-by-one here once dropped the
 # gradients of frozen-neighbour weights silently). The gate/up weights and their biases follow _N, then the
-# distinct index tensors (the kept channels and the gate/up row indices).
-_X, _WD, _BD, _N = 0, 5, 6, 8
+# distinct index tensors (the kept channels and the gate/up row indices). `scale` (position _N) is the kept
+# channels' gradient weights (selection: unbiased) or None.
+_X, _WD, _BD, _N = 0, 5, 6, 9
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, g, u, h, y, wd, bd, n, where, *tensors):
+    def forward(ctx, x, g, u, h, y, wd, bd, n, where, scale, *tensors):
         weights, biases, uniq = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         idx, rows = uniq[where[0]], [uniq[j] for j in where[1:]]
         k = idx.shape[0]
@@ -203,6 +204,7 @@ class _SwiGLU(torch.autograd.Function):
             y = y.detach().reshape(-1, wd.shape[0])
         ctx.save_for_backward(x, g, u, wd, *weights, *uniq)
         ctx.n, ctx.where, ctx.n_uniq = n, where, len(uniq)
+        ctx.scale = scale.detach() if scale is not None else None
         ctx.biases = tuple((b.shape, b.dtype) if b is not None else None for b in biases)
         ctx.bd = (bd.shape, bd.dtype) if bd is not None else None
         ctx.mark_non_differentiable(h)
@@ -228,14 +230,17 @@ class _SwiGLU(torch.autograd.Function):
         g, u = g.to(dtype), u.to(dtype)
         a = F.silu(g)  # recomputed: nothing of the activation was saved
         grad_wd = grad_bd = grad_x = None
+        scale = ctx.scale.to(dtype) if ctx.scale is not None else None
         if need[_WD]:
             part = dy2.t() @ (a * u).to(dtype)  # (d, k): 2 N d k FLOPs
+            if scale is not None:
+                part = part * scale  # the kept columns' gradients weighted (selection: unbiased)
             grad_wd = _scatter_cols(wd, idx, 1, part.to(wd.dtype))
         if ctx.bd is not None and need[_BD]:
             grad_bd = dy2.sum(0).to(ctx.bd[1])
         grad_ws: list = [None] * n
         grad_bs: list = [None] * n
-        head = (grad_x, None, None, None, None, grad_wd, grad_bd, None, None)
+        head = (grad_x, None, None, None, None, grad_wd, grad_bd, None, None, None)
         if not (need[_X] or any(need_w) or any(need_b)):
             return (*head, *grad_ws, *grad_bs, *([None] * n_uniq))
         # Elementwise work stays in the layout of g and u: (N, k), or channels first (paper mode: views of (k, N)).
@@ -244,6 +249,8 @@ class _SwiGLU(torch.autograd.Function):
             dh = (_kept_cols(wd, idx, 1).t().to(dtype) @ dy2.t()).t()  # (N, k) view of (k, N): 2 N d k FLOPs
         else:
             dh = dy2 @ _kept_cols(wd, idx, 1).to(dtype)  # (N, k): 2 N d k FLOPs
+        if scale is not None:
+            dh = dh.mul_(scale)  # every gradient through a kept channel weighted by its 1/p
         # d(gate), d(up) side by side, so that one GEMM serves both
         if torch.compiler.is_compiling():  # traced: no out= into strided views (the compiler fuses these anyway)
             dgu = torch.cat([torch.ops.aten.silu_backward(dh * u, g), dh * a], dim=1)
@@ -265,11 +272,11 @@ class _SwiGLU(torch.autograd.Function):
             if need_b[j]:
                 shape, bdtype = ctx.biases[j]
                 grad_bs[j] = part.new_zeros(shape, dtype=bdtype).index_copy_(0, r, part.sum(0).to(bdtype))
-        head = (grad_x, None, None, None, None, grad_wd, grad_bd, None, None)
+        head = (grad_x, None, None, None, None, grad_wd, grad_bd, None, None, None)
         return (*head, *grad_ws, *grad_bs, *([None] * n_uniq))
 
 
-def swiglu_mlp(x, idx, weights, rows, biases, down, g=None, u=None, h=None, y=None
+def swiglu_mlp(x, idx, weights, rows, biases, down, g=None, u=None, h=None, y=None, scale=None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """down(silu(gate(x)) * up(x)) over the kept channels idx, and the kept activations H (no gradient).
 
@@ -280,11 +287,12 @@ def swiglu_mlp(x, idx, weights, rows, biases, down, g=None, u=None, h=None, y=No
     else None; h: silu(g) * u when computed too (paper mode, from its scoring pass), else None; y: the MLP's
     output over every channel when computed already (forward=dense: the value returned; the backward is still
     over the kept channels), else None. Saves x and the kept gate/up outputs only: the activation is recomputed
-    in the backward.
+    in the backward. scale: (k,) weights of the kept channels' gradients (selection: unbiased, with y given), else
+    None.
     """
     n = len(weights)
     uniq, where = _unique([idx, *rows])
-    return _SwiGLU.apply(x, g, u, h, y, down.weight, down.bias, n, where, *weights, *biases, *uniq)
+    return _SwiGLU.apply(x, g, u, h, y, down.weight, down.bias, n, where, scale, *weights, *biases, *uniq)
 
 
 # -- paper mode: the kept heads' attention outputs come from the scoring pass ---------------------------------

@@ -49,13 +49,16 @@ class _Generic:
         self.down_masks = down.masks((*x.shape[:-1], n_units), x, training)
         rows.prepare(x, self.masks)
 
-    def kept(self, idx: torch.Tensor, taken=None, y_all=None):
+    def kept(self, idx: torch.Tensor, taken=None, y_all=None, scale=None):
         """(output, kept activations) over the kept channels; taken: take()'s kept slices of the pass over every
-        channel, which are then the values (paper mode); y_all: the value over every channel (forward=dense)."""
+        channel, which are then the values (paper mode); y_all: the value over every channel (forward=dense);
+        scale: (k,) weights of the kept channels' gradients (selection: unbiased, with y_all: the value is y_all's,
+        so only the gradients through the down projection's input, and its weight's, are weighted)."""
         n = 2 if self.gated else 1
         parts = self.rows.kept(self.x, [idx] * n, taken, self.masks)
         h = self.act(parts[0]) * parts[1] if self.gated else self.act(parts[0])
-        return col_project(h, self.down, idx, idx, 1, self.down_masks, out=y_all), h
+        h_down = h if scale is None else h * scale.to(h.dtype)
+        return col_project(h_down, self.down, idx, idx, 1, self.down_masks, out=y_all), h
 
     def take(self, idx, g_all, u_all, h_all):
         """The kept channels of the pass over every channel: [(B, T, k)] (g, and u when gated)."""
@@ -85,9 +88,9 @@ class _FusedSwiGLU(_Generic):
     """A SiLU-gated MLP without LoRA as one autograd function; paper mode computes its channels first, (f, N),
     so that the kept channels are whole rows to copy."""
 
-    def kept(self, idx, taken=None, y_all=None):
+    def kept(self, idx, taken=None, y_all=None, scale=None):
         weights, r, biases, _ = self.rows.spec([idx, idx])
-        return swiglu_mlp(self.x, idx, weights, r, biases, self.down, *(taken or (None, None, None)), y_all)
+        return swiglu_mlp(self.x, idx, weights, r, biases, self.down, *(taken or (None, None, None)), y_all, scale)
 
     def take(self, idx, g_all, u_all, h_all):
         """(g, u, h) of the kept channels: (N, k) views of (k, N) row copies (h None when not computed)."""
@@ -213,4 +216,4 @@ class SATMLP(_SATModule):
             y_all = c.output_all(h_all) if dense else None  # the output over every channel: 2 N d f FLOPs
             taken = c.take(idx, g_all, u_all, h_all)
             del g_all, u_all, h_all
-        return c.kept(idx, taken, y_all)[0]
+        return c.kept(idx, taken, y_all, sel.weights(k) if dense else None)[0]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..core.selection import select_units, uniform
+from ..core.selection import select_unbiased, select_units, uniform
 from ..distributed import reduce_scores
 from .runtime import SATRuntime
 
@@ -24,7 +24,8 @@ class UnitSelector:
         self.generator_: torch.Generator | None = None
         # This forward's state, reset by begin_forward (the model's forward pre-hook, outside any compiled region,
         # so that a compiled forward reads no forward counter and holds no generator):
-        self._cache: tuple[int, torch.Tensor] | None = None  # (k, kept units): a recomputation reuses them
+        # (k, kept units, their gradient weights or None): a recomputation reuses them
+        self._cache: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
         self._path: bool | None = None  # selected from history (None: not decided yet in this forward)
         self._noise: list[torch.Tensor] = []  # uniform draws for `sample` / `random`, drawn before the forward
         self.history: torch.Tensor | None = None  # running importance per unit (history source)
@@ -45,7 +46,7 @@ class UnitSelector:
     def draws(self) -> int:
         """Uniform vectors one selection uses: scores of the random metric, keys of sample / random selection."""
         cfg = self.runtime.config
-        return int(cfg.metric == "random") + int(cfg.selection in ("sample", "random"))
+        return int(cfg.metric == "random") + int(cfg.selection in ("sample", "random", "unbiased"))
 
     def begin_forward(self, device: torch.device | None) -> None:
         """A new training forward: forget the last forward's selection and, given a device, draw this forward's
@@ -70,6 +71,11 @@ class UnitSelector:
             return c[1]
         return None
 
+    def weights(self, k: int) -> torch.Tensor | None:
+        """The gradient weights 1/p of the units this forward kept (selection: unbiased), or None."""
+        c = self._cache
+        return c[2] if c is not None and c[0] == k else None
+
     def use_history(self) -> bool:
         """Select from history statistics in this forward? Fixed per forward, so that a recomputation takes the
         same path even though the first pass seeded the statistics; history delegates to current until then."""
@@ -84,8 +90,12 @@ class UnitSelector:
             scores = self._draw(device)
         scores = reduce_scores(scores, cfg.metric)
         noise = self._draw(device) if cfg.selection != "topk" and k < self.n_units else None
-        idx = select_units(scores, k, cfg.selection, noise)
-        self._cache = (k, idx)
+        weights = None
+        if cfg.selection == "unbiased" and k < self.n_units:
+            idx, weights = select_unbiased(scores, k, noise)
+        else:
+            idx = select_units(scores, k, cfg.selection, noise)
+        self._cache = (k, idx, weights)
         if cfg.omitted_update == "skip":
             mask = torch.zeros(self.n_units, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True)
             self.step_kept = mask if self.step_kept is None else self.step_kept.to(mask.device) | mask

@@ -168,7 +168,7 @@ def _check_module(m: _SATModule, args, kwargs, runtime, config, tol: float, layo
             if not (torch.isfinite(ref_out).all() and (ref_dx is None or torch.isfinite(ref_dx).all())):
                 return  # the module itself is not finite on this input (fp16 overflow, ...): nothing to compare
             for source, forward in PATHS:
-                runtime.config = dataclasses.replace(config, source=source, forward=forward, metric="l2",
+                runtime.config = dataclasses.replace(config, source=source, forward=forward, metric="l2", selection="topk",
                                                      omission_rate=0.5, attn_omission_rate=None,
                                                      mlp_omission_rate=None, schedule="constant", steps=None,
                                                      dense_start=0.0, rung_placement="steps", layer_rates=None,
