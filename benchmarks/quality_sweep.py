@@ -249,7 +249,7 @@ def speed(argv) -> int:
     for name in [v for v in args.variants.split(",") if v]:
         overrides, what = VARIANTS[name]
         cfg = load_run_config(f"configs/real-{args.task}.yaml", [*args.overrides, *overrides, "progress=false"])
-        m = interleaved.measure(cfg, cfg.max_steps, pairs=args.pairs, quiet=True)
+        m = interleaved.measure_isolated(cfg, cfg.max_steps, pairs=args.pairs, quiet=True)
         r = {"variant": name, "what": what, "date": time.strftime("%Y-%m-%d %H:%M"), "task": args.task,
              "overrides": [*args.overrides, *overrides], "steps": cfg.max_steps, "pairs": args.pairs,
              "speedup_interleaved": m["speedup_interleaved"], "speedup_interleaved_iqr": m["speedup_interleaved_iqr"],
@@ -257,7 +257,7 @@ def speed(argv) -> int:
              "levels": [{k: lv[k] for k in ("schedule_fraction", "ratio", "steps_at_level", "dense_seconds",
                                             "sat_seconds")} for lv in m["levels"]],
              "cpu": cpu, "avx512": "avx512f" in flags, "threads": torch_threads(),
-             "allocator": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+             "isolated": m.get("isolated"), "allocator": m.get("allocator")}
         with open(results, "a") as f:
             f.write(json.dumps(r) + "\n")
         lo, hi = r["speedup_interleaved_iqr"]

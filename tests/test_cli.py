@@ -64,7 +64,7 @@ def test_keys_are_satconfigs_fields_and_describe_them(capsys):
     assert [k[4:] for k in keys if k.startswith("sat.")] == [f.name for f in dataclasses.fields(SATConfig)] + ["enabled"]
     assert main(["keys", "sat.selection", "lr"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "sat.selection: one of sample, topk, random; default topk"
+    assert out[0] == "sat.selection: one of sample, topk, random, unbiased; default topk"
     assert out[1].startswith("    How kept units are chosen") and "lr: a number > 0; default 0.0001" in out
     assert main(["keys", "--describe"]) == 0
     described = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]

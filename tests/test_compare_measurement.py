@@ -162,6 +162,22 @@ def test_interleaved_measurement_is_reused_on_resume_and_redone_when_settings_ch
     assert changed["fingerprint"] != first["fingerprint"]
 
 
+def test_the_interleaved_phase_runs_in_a_child_with_the_allocator_settings(tmp_path, tiny_model_dir, tiny_data,
+                                                                         monkeypatch):
+    for k in interleaved.ALLOCATOR_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv(interleaved.INPROCESS_ENV, raising=False)
+    cfg = _config(tiny_model_dir, tiny_data, tmp_path / "cmp", max_steps=4)
+    assert interleaved._fingerprint(type(cfg).from_dict(cfg.to_dict()), 4, 4) == interleaved._fingerprint(cfg, 4, 4)
+    child = interleaved.measured_or_cached(cfg, 4, tmp_path / "a", 4)
+    assert child["isolated"] is True and child["allocator"] == interleaved.ALLOCATOR_ENV
+    assert [len(lv["dense_seconds"]) for lv in child["levels"]] == [4]
+    monkeypatch.setenv(interleaved.INPROCESS_ENV, "1")
+    here = interleaved.measured_or_cached(cfg, 4, tmp_path / "b", 4)
+    assert here["isolated"] is False and here["allocator"] == {}
+    assert here["fingerprint"] == child["fingerprint"]
+
+
 def test_budget_time_needs_the_interleaved_measurement(tmp_path, tiny_model_dir, tiny_data):
     cfg = _config(tiny_model_dir, tiny_data, tmp_path / "cmp", budget="time", interleaved_pairs=0)
     with pytest.raises(RunConfigError, match="interleaved_pairs"):

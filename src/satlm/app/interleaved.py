@@ -18,6 +18,15 @@ dense steps' time, and `speedup_interleaved` = T / dense_equivalent(T). Its spre
 comes from the pairs: the i-th pair of every level gives one estimate of the whole schedule's speedup, and the
 quartiles of those estimates are reported. The same ratios give the SAT run's time axis (curves,
 time_to_quality) and `budget: time`'s step count, so neither depends on what else the machine ran.
+
+On the CPU the phase runs in a child process started with glibc's allocator settings of `satlm bench`
+(ALLOCATOR_ENV), which glibc reads only at process start. With the default settings the two resident models'
+steps return and fault in each other's large blocks: on SmolLM2-135M (2-core EPYC without AVX-512, 2026-12-06)
+the dense copy took 9.0-9.7 s a step in the phase against 7.6 s in a dense training run, and the phase's ratio
+came out at or above the FLOP ceiling (1.235x against 1.227x); in the child the dense copy took 7.0-7.4 s and the
+ratio (1.16x) agreed with whole training processes alternated (benchmarks/process_ab.py: 1.16x, range
+1.01-1.21). BENCHMARKS.md, "The interleaved ratio and the allocator". SATLM_INTERLEAVED_INPROCESS=1 measures in
+the compare process as before.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +52,13 @@ from .run_config import RunConfig
 INTERLEAVED_JSON = "interleaved.json"
 WARMUP_PAIRS = 2  # untimed pairs (dense first, then SAT first) before the first level's timed pairs
 MOST_LEVELS = 6  # a schedule with more distinct levels (linear) is timed at this many, interpolated between
+# glibc's allocator returns big blocks to the OS and faults them in again, which inflates the dense step when two
+# models step in turn (module doc); glibc reads these only at process start. 32 MiB is glibc's largest mmap
+# threshold, and blocks of that size or more (the logits of B=4 x T=256 x vocab 8192 in fp32 are exactly 32 MiB)
+# were still mapped afresh on every dense step: MALLOC_MMAP_MAX_=0 serves every block from the heap.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
+                 "MALLOC_MMAP_MAX_": "0"}
+INPROCESS_ENV = "SATLM_INTERLEAVED_INPROCESS"
 
 
 # -- the schedule's levels and the time model ---------------------------------------------------------------
@@ -309,6 +327,29 @@ def measure(cfg: RunConfig, steps: int, pairs: int = 4, quiet: bool = False) -> 
     return result
 
 
+def allocator_settings() -> dict[str, str]:
+    """This process's glibc allocator settings (ALLOCATOR_ENV's keys that are set)."""
+    return {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}
+
+
+def measure_isolated(cfg: RunConfig, steps: int, pairs: int = 4, quiet: bool = False) -> dict:
+    """measure(), on the CPU in a child process with ALLOCATOR_ENV (module doc); in this process on a GPU, when
+    this process has those settings already, or with SATLM_INTERLEAVED_INPROCESS=1. The result says which
+    (`isolated`, `allocator`)."""
+    if torch.cuda.is_available() or allocator_settings() == ALLOCATOR_ENV or os.environ.get(INPROCESS_ENV) == "1":
+        return {**measure(cfg, steps, pairs, quiet), "isolated": False, "allocator": allocator_settings()}
+    with tempfile.TemporaryDirectory(prefix="satlm-interleaved-") as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps({"config": cfg.to_dict(), "steps": steps, "pairs": pairs, "quiet": quiet}))
+        done = subprocess.run([sys.executable, "-m", "satlm.app.interleaved", str(spec), str(out)],
+                              env={**os.environ, **ALLOCATOR_ENV})
+        if done.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"the interleaved speed measurement failed in its child process (exit "
+                               f"{done.returncode}); its messages are above; {INPROCESS_ENV}=1 measures in this "
+                               "process instead")
+        return {**json.loads(out.read_text()), "isolated": True}
+
+
 def ratios_of(measured: dict) -> dict[float, float]:
     """{level: dense / SAT step-time ratio} of a measurement (measure's result or interleaved.json)."""
     return {float(lv["schedule_fraction"]): float(lv["ratio"]) for lv in measured.get("levels", [])}
@@ -325,7 +366,20 @@ def measured_or_cached(cfg: RunConfig, steps: int, out: Path, pairs: int, quiet:
             saved = {}
         if saved.get("fingerprint") == key:
             return saved
-    result = {**measure(cfg, steps, pairs, quiet), "fingerprint": key}
+    result = {**measure_isolated(cfg, steps, pairs, quiet), "fingerprint": key}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _child(spec_path: str, out_path: str) -> int:
+    """The child of measure_isolated: the measurement of spec.json's config, written to out_path."""
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = RunConfig.from_dict(spec["config"])
+    result = measure(cfg, spec["steps"], spec["pairs"], spec["quiet"])
+    Path(out_path).write_text(json.dumps({**result, "allocator": allocator_settings()}))
+    return 0
+
+
+if __name__ == "__main__":  # python -m satlm.app.interleaved SPEC.json OUT.json (measure_isolated's child)
+    sys.exit(_child(*sys.argv[1:3]))

@@ -11,17 +11,10 @@ import sys
 
 import yaml
 
+from ..app.interleaved import ALLOCATOR_ENV  # glibc's allocator settings for timing, shared with satlm compare
 from ..config import SATConfig, SATConfigError, forward_conflict
 from ..fields import FieldSpec, field_problem, field_specs, read_value
 from .settings import HELD, SWEPT, UNUSED, held, sat_variants
-
-# glibc's allocator returns big blocks to the OS and faults them in again, which inflates the dense
-# baseline when variants are interleaved (measured: BENCHMARKS.md); glibc reads these only at process start.
-# 32 MiB is glibc's largest mmap threshold, and blocks of that size or more (the logits of B=4 x T=256 x
-# vocab 8192 in fp32 are exactly 32 MiB) were still mapped afresh on every dense step (~24,600 page faults a
-# step, none in the SAT steps): MALLOC_MMAP_MAX_=0 serves every block from the heap, so no variant pays them.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
-                 "MALLOC_MMAP_MAX_": "0"}
 
 
 # The SAT variants' settings are SATConfig's fields, declared there: each field is a flag below (its help, choices,
