@@ -3,6 +3,11 @@ docs/method.md's formulas (per token; attention core 4 T d per token forward, ca
 the output head 2 d V forward, twice that backward; embeddings, norms, loss and optimizer left out).
 
     python benchmarks/flop_ceiling.py ~/.cache/satlm/models/smollm2-135m --seq-len 256
+    python benchmarks/flop_ceiling.py --run configs/real-sft.yaml max_steps=120 batch_size=4
+
+--run reads the run's own first max_steps batches (as its Trainer draws them) and prints the ceiling of MLP
+channels at a few rates, all rows and with `loss_tokens_dense` (which omits only in the rows that carry no loss:
+its ceiling depends on their share, which only the batches tell).
 """
 
 from __future__ import annotations
@@ -27,11 +32,49 @@ def step_flops(d, f, d_kv, L, V, T, km=1.0, kh=1.0, kg=1.0, mode="dense"):
     return L * (mlp_f + mlp_b + att_f + att_b + core_f + core_b) + head
 
 
+def run_ceilings(config: str, overrides: list[str], rates=(0.28, 0.5, 0.625, 0.75)) -> None:
+    """The channels-only (dense forward) ceilings of a run's batches, all rows and loss tokens dense."""
+    import tempfile
+    from pathlib import Path
+
+    from satlm.app.interleaved import _trainer
+    from satlm.app.model_io import load_tokenizer, resolve_model_path
+    from satlm.app.run_config import load_run_config
+    from satlm.data.datasets import build_datasets
+
+    cfg = load_run_config(config, [*overrides, "progress=false"])
+    cfg.sat.enabled = False
+    path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(path)
+    trainer = _trainer(cfg, False, build_datasets(cfg, tokenizer), tokenizer, path, Path(tempfile.mkdtemp()))
+    c = AutoConfig.from_pretrained(path)
+    d, f, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    d_kv = c.num_key_value_heads * (getattr(c, "head_dim", None) or d // c.num_attention_heads)
+    dense = n_all = n_loss = 0.0
+    for i, batch in enumerate(trainer.get_train_dataloader()):
+        if i >= cfg.max_steps * cfg.grad_accum:
+            break
+        labels = batch["labels"]
+        n = labels.numel()
+        dense += n * step_flops(d, f, d_kv, L, V, labels.shape[1])
+        n_all += n
+        n_loss += (labels[:, 1:] != -100).sum().item()  # a row carries loss when the next label is not -100
+    print(f"{config}: {min(i + 1, cfg.max_steps * cfg.grad_accum)} batches, {n_all:.0f} tokens (padding included), {n_loss / n_all:.1%} carry loss")
+    print("| r | all rows | loss tokens dense |\n|---|---|---|")
+    for r in rates:
+        saved = L * 12 * d * f * r  # the omitted channels' share of the MLP backward, per token
+        print(f"| {r} | {dense / (dense - saved * n_all):.3f}x | {dense / (dense - saved * (n_all - n_loss)):.3f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
+    ap.add_argument("model", nargs="?")
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--run", metavar="CONFIG", help="a run config: the ceilings of its own batches")
+    ap.add_argument("overrides", nargs="*", help="key=value for --run")
     a = ap.parse_args()
+    if a.run:
+        return run_ceilings(a.run, [a.model, *a.overrides] if a.model else a.overrides)  # no model with --run
     c = AutoConfig.from_pretrained(a.model)
     d, f, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     hd = getattr(c, "head_dim", None) or d // c.num_attention_heads

@@ -72,6 +72,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "thin-c50-auto": (constant(0.5, "sat.forward=sparse", "sat.layer_rates=auto"),
                       "the thinned forward (paper mode), r=0.5, per-layer rates"),
     "c50-ltd": (constant(0.5, "sat.loss_tokens_dense=true"), "SFT: r=0.5 in the rows without loss only"),
+    "c62-ltd": (constant(0.625, "sat.loss_tokens_dense=true"), "SFT: r=0.625 in the rows without loss only"),
+    "c75-ltd": (constant(0.75, "sat.loss_tokens_dense=true"), "SFT: r=0.75 in the rows without loss only"),
     "c75-ltd-auto": (constant(0.75, "sat.loss_tokens_dense=true", "sat.layer_rates=auto"),
                      "SFT: r=0.75 in the rows without loss only, per-layer rates"),
 }
