@@ -71,6 +71,12 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "drop25-c50": (constant(0.5, "sat.layer_drop_rate=0.25"), "layer skipping 0.25 and channels 0.5"),
     "thin-c50-auto": (constant(0.5, "sat.forward=sparse", "sat.layer_rates=auto"),
                       "the thinned forward (paper mode), r=0.5, per-layer rates"),
+    "v90": (constant(0.0, "sat.vocab_omission_rate=0.9"), "the output layer's weight gradient over 10% of the "
+            "vocabulary rows (those with the largest logit-gradient norm), no channel omission"),
+    "c40-v90": (constant(0.4, "sat.vocab_omission_rate=0.9"), "r=0.4 throughout and vocabulary rows 0.9 (FLOP ceiling "
+                "1.262x)"),
+    "c50-v90": (constant(0.5, "sat.vocab_omission_rate=0.9"), "r=0.5 throughout and vocabulary rows 0.9 (FLOP ceiling "
+                "1.324x)"),
     "c50-ltd": (constant(0.5, "sat.loss_tokens_dense=true"), "SFT: r=0.5 in the rows without loss only"),
     "c62-ltd": (constant(0.625, "sat.loss_tokens_dense=true"), "SFT: r=0.625 in the rows without loss only"),
     "c75-ltd": (constant(0.75, "sat.loss_tokens_dense=true"), "SFT: r=0.75 in the rows without loss only"),

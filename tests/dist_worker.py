@@ -5,7 +5,7 @@ reference.
     dist_worker.py api OUT.json --batch B [--pad] [--steps 5] --case CASE [--case CASE ...]
         A training loop over the Python API: apply_sat, then DistributedDataParallel (or FSDP) and SGD
         with momentum, on a tiny Llama. Each step's global batch holds world * B sequences, identical in every process;
-        rank r trains on rows r*B .. (r+1)*B - 1. CASE is `source:selection:metric[:wrap][:noreduce]`,
+        rank r trains on rows r*B .. (r+1)*B - 1. CASE is `source:selection:metric[:wrap][:noreduce][:vocab]`,
         wrap one of ddp (default), fsdp2 (torch fully_shard per decoder layer and the root),
         accelerate-fsdp2 (accelerate's own FSDP2 wrapping, as the Trainer does it on GPUs), fsdp1,
         fsdp1-orig (FSDP1 flat parameters, without and with use_orig_params); noreduce turns the
@@ -85,7 +85,7 @@ def per_module(model, attr: str) -> dict[str, list | None]:
 
 
 def parse_case(case: str) -> tuple[str, str, str, str, bool]:
-    parts = case.split(":")
+    parts = [p for p in case.split(":") if p != "vocab"]  # vocab: the output layer's rows omitted too
     source, selection, metric = parts[:3]
     wrap = parts[3] if len(parts) > 3 else "ddp"
     if wrap not in WRAPS:
@@ -171,7 +171,8 @@ def train_case(case: str, batch: int, steps: int = 5, pad: bool = False) -> tupl
     rank, world = rank_world()
     model = tiny_llama()
     apply_sat(model, sat_config(omission_rate=0.5, schedule="constant", source=source, selection=selection,
-                                metric=metric, history_exploration=2.0, seed=3))
+                                metric=metric, history_exploration=2.0, seed=3,
+                                vocab_omission_rate=0.5 if "vocab" in case.split(":") else 0.0))
     engine = wrap_model(model, wrap, world)
     # SGD: updates linear in the gradients, so the final weights compare as tightly as the gradients (Adam
     # would turn rounding noise in near-zero gradients into steps of size lr).

@@ -67,7 +67,8 @@ def launch_api(out: Path, cases: list[str], batch: int = 2, pad: bool = False) -
 def reference(case: str, batch: int) -> tuple[dict, dict]:
     """The same case in this one process (no process group) with the whole global batch."""
     source, selection, metric = case.split(":")[:3]
-    return W.train_case(f"{source}:{selection}:{metric}", batch)
+    vocab = ":vocab" if "vocab" in case.split(":") else ""
+    return W.train_case(f"{source}:{selection}:{metric}{vocab}", batch)
 
 
 def close(a: float, b: float, rel: float = 1e-5) -> bool:
@@ -132,7 +133,7 @@ def test_distributed_helpers_do_nothing_in_one_process():
 
 
 # -- (2) 2 ranks x batch b == 1 rank x batch 2b ---------------------------------------------------------
-LOSS_CASES = ["current:topk:l2", "current:sample:l2", "history:topk:l2", "history:sample:l2"]
+LOSS_CASES = ["current:topk:l2", "current:sample:l2", "history:topk:l2", "history:sample:l2", "current:topk:l2:ddp:vocab"]
 
 
 @pytest.fixture(scope="module")

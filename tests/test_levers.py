@@ -521,3 +521,90 @@ def test_unbiased_is_refused_where_it_is_not_exact():
             satlm.SATConfig(selection="unbiased", **kw)
     with pytest.raises(SATConfigError, match="selection"):
         satlm.SATConfig(selection="vcas")
+
+
+# -- g. vocabulary rows of the output layer ---------------------------------------------------------------
+def vocab_reference(model, data, rate: float):
+    """The dense step's gradients with the output layer's weight gradient kept in the rows whose logits' gradients
+    have the largest norms over the tokens (round((1 - rate) V) rows), written from the plain model: the logits'
+    gradient and the head's input are read by a hook, the head's own weight gradient G^T H is formed here and
+    taken away from the omitted rows (with tied embeddings the input embedding's part stays)."""
+    seen = {}
+
+    def hook(mod, args, out):
+        seen["h"] = args[0].detach().double()
+        out.retain_grad()
+        seen["logits"] = out
+
+    handle = model.lm_head.register_forward_hook(hook)
+    loss = model(**data).loss
+    loss.backward()
+    handle.remove()
+    g = seen["logits"].grad.double().reshape(-1, V)
+    h = seen["h"].reshape(-1, D)
+    k = round((1 - rate) * V)
+    order = torch.argsort((g * g).sum(0), descending=True)
+    omitted = order[k:]
+    grads = trained(grads_of(model))
+    head = g.t() @ h  # (V, D): the output layer's own weight gradient
+    name = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
+    w = grads[name].double()
+    w[omitted] -= head[omitted]
+    grads[name] = w.float()
+    return loss.detach(), grads, omitted
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_vocab_rows_match_the_reference(tie):
+    model = tiny_model("llama", hidden=D, inter=FF, heads=H, kv_heads=KV, layers=2, vocab=V, tie=tie)
+    data = batch(vocab=V, b=B, t=T, pad=True)
+    plain = copy.deepcopy(model)
+    loss, grads = sat_step(model, data, omission_rate=0.0, vocab_omission_rate=0.75)
+    ref_loss, ref_grads, omitted = vocab_reference(plain, data, 0.75)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)  # the forward is unchanged
+    assert_same_grads(grads, ref_grads)
+    if not tie:  # the omitted rows get no gradient at all; the others get the dense one
+        assert grads["lm_head.weight"][omitted].abs().max() == 0
+
+
+def test_vocab_rows_follow_the_schedule_and_come_off():
+    model, data = model_and_data(layers=1)
+    plain = copy.deepcopy(model)
+    satlm.apply_sat(model, satlm.SATConfig(omission_rate=0.5, vocab_omission_rate=0.8, rungs=2, dense_tail=0.5))
+    rt = model.sat_runtime
+    satlm.set_sat_step(model, 0, 8)
+    assert rt.vocab_rate() == pytest.approx(0.8)
+    satlm.set_sat_step(model, 2, 8)  # the second rung: half the rate
+    assert rt.vocab_rate() == pytest.approx(0.4)
+    satlm.set_sat_step(model, 6, 8)  # the dense tail: the dense step
+    model(**data).loss.backward()
+    plain(**data).loss.backward()
+    assert_same_grads(trained(grads_of(model)), trained(grads_of(plain)), tol=1e-6)
+    satlm.remove_sat(model)
+    assert "forward" not in vars(model.lm_head)
+
+
+def test_vocab_rows_flops():
+    model, data = model_and_data(layers=2)
+    dense = step_flops(model, data)
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", omission_rate=0.0, vocab_omission_rate=0.75))
+    k = keep(V, 0.75)
+    assert k == V // 4
+    # the head's weight gradient over the kept rows only: 2 N (V - k) D FLOPs fewer, every position (padded too)
+    assert dense - step_flops(model, data) == 2 * B * T * (V - k) * D
+
+
+def test_vocab_rows_refusals():
+    with pytest.raises(SATConfigError, match="omitted_update"):
+        satlm.SATConfig(vocab_omission_rate=0.5, omitted_update="skip")
+    with pytest.raises(SATConfigError, match="vocab_omission_rate"):
+        satlm.SATConfig(vocab_omission_rate=1.0)
+
+    class Projection(torch.nn.Linear):
+        pass
+
+    model, _ = model_and_data(layers=1)
+    model.lm_head = Projection(D, V, bias=False)
+    with pytest.raises(satlm.UnsupportedModelError, match="plain torch.nn.Linear"):
+        satlm.apply_sat(model, satlm.SATConfig(vocab_omission_rate=0.5))
+    assert not hasattr(model, "sat_runtime") and "forward" not in vars(model.lm_head)  # nothing changed

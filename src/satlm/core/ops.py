@@ -168,6 +168,42 @@ def col_linear(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, bias: t
     return _ColLinear.apply(h, weight, idx, bias, block, out)
 
 
+class _VocabRowsLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, k, reduce):
+        ctx.save_for_backward(h, weight)
+        ctx.bias = (bias.shape, bias.dtype) if bias is not None else None
+        ctx.k, ctx.reduce = k, reduce
+        return F.linear(h, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])  # (N, V): the logits' gradient
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (grad @ weight.to(grad.dtype)).to(h.dtype)  # every row: 2 N V d FLOPs
+        if ctx.needs_input_grad[1]:
+            scores = torch.linalg.vector_norm(g2, dim=0, dtype=torch.float32)  # (V,): one read of the gradient
+            if ctx.reduce is not None:
+                scores = ctx.reduce(scores)
+            idx = torch.topk(scores, ctx.k, sorted=False).indices
+            part = g2.index_select(1, idx).t() @ h.reshape(-1, h.shape[-1]).to(g2.dtype)  # (k, d): 2 N k d FLOPs
+            grad_w = _scatter_rows(weight, idx, part)
+        if ctx.bias is not None and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(ctx.bias[1])
+        return grad_h, grad_w, grad_b, None, None
+
+
+def vocab_rows_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, reduce=None):
+    """F.linear(h, weight, bias) for an output layer (weight: (V, d), one row per vocabulary entry) whose backward
+    writes the weight gradient of the k rows only whose logits' gradients have the largest norm over the batch's
+    tokens (known in the backward, so the selection is exact top-k of that norm); the other rows' weight gradient
+    is zero. The forward, the input gradient and the bias gradient are the dense layer's. reduce: combines the
+    (V,) norms over data-parallel ranks (distributed.reduce_scores), or None."""
+    return _VocabRowsLinear.apply(h, weight, bias, k, reduce)
+
+
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Feature indices of whole heads: head h -> h*head_dim ... h*head_dim + head_dim - 1.  (k,) -> (k*head_dim,)"""
     offsets = torch.arange(head_dim, device=heads.device, dtype=heads.dtype)

@@ -9,7 +9,10 @@ import torch
 import torch.nn as nn
 
 from ..config import SATConfig, SATConfigError, check_layers
+from ..core.ops import vocab_rows_linear
+from ..distributed import reduce_scores
 from ..errors import GradientCheckpointingError
+from ..schedules import kept_count
 from .attention import SATAttention
 from .base import _SATModule
 from .families import Layout, UnsupportedModelError, decoder_layers, get_path, layout_for
@@ -150,6 +153,37 @@ def _install_layer_drop(runtime: SATRuntime, plan: list[tuple]) -> None:
     runtime.drop_layers = [i for i, *_ in plan]
 
 
+def _vocab_forward(head: nn.Linear, forward, runtime: SATRuntime):
+    """The output layer's forward with vocab_omission_rate: in a training forward with a rate above 0, the logits
+    come from ops.vocab_rows_linear (the same values; the weight gradient over the kept vocabulary rows only)."""
+    n_rows = head.weight.shape[0]
+
+    @torch.compiler.disable  # the rate moves with the schedule and the selection is made in the backward
+    def vocab_omitting(x):
+        rate = runtime.vocab_rate() if (head.training and runtime.enabled and torch.is_grad_enabled()) else 0.0
+        k = kept_count(n_rows, rate)
+        if k >= n_rows or not head.weight.requires_grad:
+            return forward(x)
+        return vocab_rows_linear(x, head.weight, head.bias, k, reduce_scores)
+
+    vocab_omitting.sat_original = forward
+    return vocab_omitting
+
+
+def _install_vocab_omission(model: nn.Module, runtime: SATRuntime) -> None:
+    """vocab_omission_rate: the output layer's forward replaced by one whose backward keeps the weight gradient of
+    the vocabulary rows that matter (an instance attribute: remove_sat deletes it). Refused for an output layer
+    that is not a plain Linear (a LoRA-wrapped or quantized head, a custom projection)."""
+    if not runtime.config.vocab_omission_rate:
+        return
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        raise UnsupportedModelError(f"SATConfig.vocab_omission_rate={runtime.config.vocab_omission_rate:g} needs the "
+                                    "model's output layer (get_output_embeddings()) to be a plain torch.nn.Linear; "
+                                    f"got {type(head).__name__}. Set vocab_omission_rate=0 for this model")
+    head.forward = _vocab_forward(head, head.forward, runtime)
+
+
 def _install_label_hook(model: nn.Module, runtime: SATRuntime) -> None:
     """loss_tokens_dense: the outer model's forward gets the labels (the inner model, whose pre-hook begins the
     forward, does not): keep them for begin_forward."""
@@ -231,6 +265,7 @@ def apply_sat(model: nn.Module, config: SATConfig | dict | None = None) -> nn.Mo
     _install_label_hook(model, runtime)
     _install_layer_drop(runtime, plan)
     try:
+        _install_vocab_omission(model, runtime)
         if config.omitted_update == "skip":
             check_skip_supported(wrapped)
         self_check(model, wrapped, layout)
@@ -250,7 +285,8 @@ def remove_sat(model: nn.Module) -> nn.Module:
             wrapped = getattr(layer, name, None)
             if isinstance(wrapped, _SATModule):
                 setattr(layer, name, wrapped.base_layer)
-    for layer in decoder_layers(model, rt.layout):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for layer in [*decoder_layers(model, rt.layout), *([head] if isinstance(head, nn.Module) else [])]:
         forward = vars(layer).get("forward")
         if forward is not None and hasattr(forward, "sat_original"):
             del layer.forward  # the class's forward again

@@ -79,6 +79,13 @@ class SATRuntime:
         f = schedule_fraction(self.config, self.step, self.total_steps, self.lr_profile)
         return min(1.0, rate * f * self.layer_factor(layer))
 
+    def vocab_rate(self) -> float:
+        """vocab_omission_rate at this step (scaled by the schedule)."""
+        rate = self.config.vocab_omission_rate
+        if not rate:
+            return 0.0
+        return rate * schedule_fraction(self.config, self.step, self.total_steps, self.lr_profile)
+
     def _draw_dropped(self) -> frozenset[int]:
         """This forward's skipped layers: layer i with probability drop_probability(i), from the runtime's own
         generator on the CPU (no device sync; saved for exact resume)."""
