@@ -80,6 +80,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "c50-ltd": (constant(0.5, "sat.loss_tokens_dense=true"), "SFT: r=0.5 in the rows without loss only"),
     "c62-ltd": (constant(0.625, "sat.loss_tokens_dense=true"), "SFT: r=0.625 in the rows without loss only"),
     "c75-ltd": (constant(0.75, "sat.loss_tokens_dense=true"), "SFT: r=0.75 in the rows without loss only"),
+    "c50-ltd-v90": (constant(0.5, "sat.loss_tokens_dense=true", "sat.vocab_omission_rate=0.9"),
+                    "SFT: r=0.5 in the rows without loss only, and vocabulary rows 0.9"),
     "c75-ltd-auto": (constant(0.75, "sat.loss_tokens_dense=true", "sat.layer_rates=auto"),
                      "SFT: r=0.75 in the rows without loss only, per-layer rates"),
 }

@@ -181,6 +181,8 @@ def describe(cfg: RunConfig) -> str:
     sat = cfg.sat
     if sat.enabled:
         mode = (f"SAT {sat.source}/{sat.schedule}, omission attn {sat.max_attn_rate:g} mlp {sat.max_mlp_rate:g}")
+        if sat.vocab_omission_rate:
+            mode += f" vocab rows {sat.vocab_omission_rate:g}"
     else:
         mode = "dense"
     if cfg.lora.enabled:
