@@ -17,9 +17,10 @@ import argparse
 from transformers import AutoConfig
 
 
-def step_flops(d, f, d_kv, L, V, T, km=1.0, kh=1.0, kg=1.0, mode="dense", kv=1.0):
+def step_flops(d, f, d_kv, L, V, T, km=1.0, kh=1.0, kg=1.0, mode="dense", kv=1.0, kvi=1.0):
     """Per-token FLOPs of one step. mode: dense, current-sparse, current-dense, history. kv: the kept fraction of the
-    output layer's vocabulary rows in its weight gradient (vocab_omission_rate = 1 - kv)."""
+    output layer's vocabulary rows in its weight gradient (vocab_omission_rate = 1 - kv); kvi: in its input gradient
+    (vocab_omission_input_grad)."""
     mlp_f = {"dense": 6 * d * f, "current-sparse": 4 * d * f + 2 * d * f * km, "current-dense": 6 * d * f,
              "history": 6 * d * f * km}[mode]
     mlp_b = 12 * d * f * (1 if mode == "dense" else km)
@@ -29,7 +30,7 @@ def step_flops(d, f, d_kv, L, V, T, km=1.0, kh=1.0, kg=1.0, mode="dense", kv=1.0
     core = 4 * T * d
     core_f = core * (kh if mode == "history" else 1)
     core_b = 2 * core * (1 if mode == "dense" else kh)
-    head = 2 * 2 * d * V + 2 * d * V * kv  # forward and input gradient over every row, weight gradient over kv
+    head = 2 * d * V + 2 * d * V * kvi + 2 * d * V * kv  # forward over every row; input, weight gradient over kvi, kv
     return L * (mlp_f + mlp_b + att_f + att_b + core_f + core_b) + head
 
 
@@ -95,10 +96,12 @@ def main() -> None:
             row.append(f"{dense / step_flops(d, f, d_kv, L, V, a.seq_len, km=k, kh=k if heads else 1.0, mode=mode):.2f}x")
         print(f"| {name} | " + " | ".join(row) + " |")
     print("\nMLP channels (current/dense) with the output layer's vocabulary rows omitted in its weight gradient "
-          "(vocab_omission_rate):\n| MLP rate | vocab 0 | vocab 0.9 | vocab 0.95 |\n|---|---|---|---|")
+          "(vocab_omission_rate), and in its input gradient too (+ input: vocab_omission_input_grad):\n"
+          "| MLP rate | vocab 0 | vocab 0.9 | vocab 0.95 | vocab 0.9 + input |\n|---|---|---|---|---|")
     for r in (0.0, 0.28, 0.4, 0.5, 0.625):
         row = [f"{dense / step_flops(d, f, d_kv, L, V, a.seq_len, km=1 - r, mode='current-dense', kv=1 - v):.3f}x"
                for v in (0.0, 0.9, 0.95)]
+        row.append(f"{dense / step_flops(d, f, d_kv, L, V, a.seq_len, km=1 - r, mode='current-dense', kv=0.1, kvi=0.1):.3f}x")
         print(f"| {r} | " + " | ".join(row) + " |")
 
 

@@ -77,11 +77,19 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                 "1.262x)"),
     "c50-v90": (constant(0.5, "sat.vocab_omission_rate=0.9"), "r=0.5 throughout and vocabulary rows 0.9 (FLOP ceiling "
                 "1.324x)"),
+    "c28-v90i": (constant(0.28, "sat.vocab_omission_rate=0.9", "sat.vocab_omission_input_grad=true"),
+                 "r=0.28 throughout, vocabulary rows 0.9 in the head's weight and input gradients"),
+    "c40-v90i": (constant(0.4, "sat.vocab_omission_rate=0.9", "sat.vocab_omission_input_grad=true"),
+                 "r=0.4 throughout, vocabulary rows 0.9 in the head's weight and input gradients"),
     "c50-ltd": (constant(0.5, "sat.loss_tokens_dense=true"), "SFT: r=0.5 in the rows without loss only"),
     "c62-ltd": (constant(0.625, "sat.loss_tokens_dense=true"), "SFT: r=0.625 in the rows without loss only"),
     "c75-ltd": (constant(0.75, "sat.loss_tokens_dense=true"), "SFT: r=0.75 in the rows without loss only"),
     "c50-ltd-v90": (constant(0.5, "sat.loss_tokens_dense=true", "sat.vocab_omission_rate=0.9"),
                     "SFT: r=0.5 in the rows without loss only, and vocabulary rows 0.9"),
+    "c50-ltd-v90i": (constant(0.5, "sat.loss_tokens_dense=true", "sat.vocab_omission_rate=0.9",
+                              "sat.vocab_omission_input_grad=true"),
+                     "SFT: r=0.5 in the rows without loss only, vocabulary rows 0.9 in the head's weight and input "
+                     "gradients"),
     "c75-ltd-auto": (constant(0.75, "sat.loss_tokens_dense=true", "sat.layer_rates=auto"),
                      "SFT: r=0.75 in the rows without loss only, per-layer rates"),
 }

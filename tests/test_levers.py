@@ -524,27 +524,33 @@ def test_unbiased_is_refused_where_it_is_not_exact():
 
 
 # -- g. vocabulary rows of the output layer ---------------------------------------------------------------
-def vocab_reference(model, data, rate: float):
+def vocab_reference(model, data, rate: float, input_kept: bool = False):
     """The dense step's gradients with the output layer's weight gradient kept in the rows whose logits' gradients
     have the largest norms over the tokens (round((1 - rate) V) rows), written from the plain model: the logits'
-    gradient and the head's input are read by a hook, the head's own weight gradient G^T H is formed here and
-    taken away from the omitted rows (with tied embeddings the input embedding's part stays)."""
+    gradient and the head's input are read by hooks, the head's own weight gradient G^T H is formed here and
+    taken away from the omitted rows (with tied embeddings the input embedding's part stays). input_kept: the
+    head's input gradient G W loses the omitted rows' share G[:, omitted] W[omitted] too, by a hook on the input."""
     seen = {}
+    weight = model.lm_head.weight
+
+    def cut(grad):  # the head's input gradient G W, less the omitted rows' share
+        g, omitted = seen["g"], seen["omitted"]
+        return grad - (g[:, omitted] @ weight.detach().double()[omitted]).reshape(grad.shape).to(grad.dtype)
 
     def hook(mod, args, out):
         seen["h"] = args[0].detach().double()
-        out.retain_grad()
-        seen["logits"] = out
+        if input_kept:
+            args[0].register_hook(cut)
+        out.register_hook(lambda grad: seen.update(g=grad.double().reshape(-1, V),
+                                                   omitted=torch.argsort((grad.double().reshape(-1, V) ** 2).sum(0),
+                                                                         descending=True)[round((1 - rate) * V):]))
 
     handle = model.lm_head.register_forward_hook(hook)
     loss = model(**data).loss
     loss.backward()
     handle.remove()
-    g = seen["logits"].grad.double().reshape(-1, V)
+    g, omitted = seen["g"], seen["omitted"]
     h = seen["h"].reshape(-1, D)
-    k = round((1 - rate) * V)
-    order = torch.argsort((g * g).sum(0), descending=True)
-    omitted = order[k:]
     grads = trained(grads_of(model))
     head = g.t() @ h  # (V, D): the output layer's own weight gradient
     name = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
@@ -554,17 +560,23 @@ def vocab_reference(model, data, rate: float):
     return loss.detach(), grads, omitted
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_vocab_rows_match_the_reference(tie):
+@pytest.mark.parametrize("tie,input_kept", [(False, False), (True, False), (False, True), (True, True)])
+def test_vocab_rows_match_the_reference(tie, input_kept):
     model = tiny_model("llama", hidden=D, inter=FF, heads=H, kv_heads=KV, layers=2, vocab=V, tie=tie)
     data = batch(vocab=V, b=B, t=T, pad=True)
     plain = copy.deepcopy(model)
-    loss, grads = sat_step(model, data, omission_rate=0.0, vocab_omission_rate=0.75)
-    ref_loss, ref_grads, omitted = vocab_reference(plain, data, 0.75)
+    dense = copy.deepcopy(model)
+    loss, grads = sat_step(model, data, omission_rate=0.0, vocab_omission_rate=0.75,
+                           vocab_omission_input_grad=input_kept)
+    ref_loss, ref_grads, omitted = vocab_reference(plain, data, 0.75, input_kept)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)  # the forward is unchanged
     assert_same_grads(grads, ref_grads)
     if not tie:  # the omitted rows get no gradient at all; the others get the dense one
         assert grads["lm_head.weight"][omitted].abs().max() == 0
+    dense(**data).loss.backward()
+    decoder = "model.layers.0.mlp.down_proj.weight"  # the input gradient: exact, or not, as asked
+    err = ((grads[decoder] - grads_of(dense)[decoder]).norm() / grads_of(dense)[decoder].norm()).item()
+    assert (err > 1e-4) if input_kept else (err < 1e-5), err
 
 
 def test_vocab_rows_follow_the_schedule_and_come_off():
@@ -592,6 +604,10 @@ def test_vocab_rows_flops():
     assert k == V // 4
     # the head's weight gradient over the kept rows only: 2 N (V - k) D FLOPs fewer, every position (padded too)
     assert dense - step_flops(model, data) == 2 * B * T * (V - k) * D
+    satlm.remove_sat(model)
+    satlm.apply_sat(model, satlm.SATConfig(schedule="constant", omission_rate=0.0, vocab_omission_rate=0.75,
+                                           vocab_omission_input_grad=True))
+    assert dense - step_flops(model, data) == 2 * 2 * B * T * (V - k) * D  # and its input gradient
 
 
 def test_vocab_rows_refusals():
@@ -599,6 +615,8 @@ def test_vocab_rows_refusals():
         satlm.SATConfig(vocab_omission_rate=0.5, omitted_update="skip")
     with pytest.raises(SATConfigError, match="vocab_omission_rate"):
         satlm.SATConfig(vocab_omission_rate=1.0)
+    with pytest.raises(SATConfigError, match="needs vocab_omission_rate"):
+        satlm.SATConfig(vocab_omission_input_grad=True)
 
     class Projection(torch.nn.Linear):
         pass

@@ -182,7 +182,8 @@ def describe(cfg: RunConfig) -> str:
     if sat.enabled:
         mode = (f"SAT {sat.source}/{sat.schedule}, omission attn {sat.max_attn_rate:g} mlp {sat.max_mlp_rate:g}")
         if sat.vocab_omission_rate:
-            mode += f" vocab rows {sat.vocab_omission_rate:g}"
+            mode += f" vocab rows {sat.vocab_omission_rate:g}" + (" (input gradient too)" if
+                                                                 sat.vocab_omission_input_grad else "")
     else:
         mode = "dense"
     if cfg.lora.enabled:

@@ -170,10 +170,10 @@ def col_linear(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, bias: t
 
 class _VocabRowsLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, k, reduce):
+    def forward(ctx, h, weight, bias, k, reduce, input_kept):
         ctx.save_for_backward(h, weight)
         ctx.bias = (bias.shape, bias.dtype) if bias is not None else None
-        ctx.k, ctx.reduce = k, reduce
+        ctx.k, ctx.reduce, ctx.input_kept = k, reduce, input_kept
         return F.linear(h, weight, bias)
 
     @staticmethod
@@ -181,27 +181,35 @@ class _VocabRowsLinear(torch.autograd.Function):
         h, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, V): the logits' gradient
         grad_h = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_h = (grad @ weight.to(grad.dtype)).to(h.dtype)  # every row: 2 N V d FLOPs
-        if ctx.needs_input_grad[1]:
+        kept = idx = None
+        if ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and ctx.input_kept):
             scores = torch.linalg.vector_norm(g2, dim=0, dtype=torch.float32)  # (V,): one read of the gradient
             if ctx.reduce is not None:
                 scores = ctx.reduce(scores)
             idx = torch.topk(scores, ctx.k, sorted=False).indices
-            part = g2.index_select(1, idx).t() @ h.reshape(-1, h.shape[-1]).to(g2.dtype)  # (k, d): 2 N k d FLOPs
+            kept = g2.index_select(1, idx)  # (N, k)
+        if ctx.needs_input_grad[0]:
+            if ctx.input_kept:  # the kept rows only: 2 N k d FLOPs
+                grad_h = (kept @ weight.index_select(0, idx).to(kept.dtype)).reshape(h.shape).to(h.dtype)
+            else:  # every row: 2 N V d FLOPs
+                grad_h = (grad @ weight.to(grad.dtype)).to(h.dtype)
+        if ctx.needs_input_grad[1]:
+            part = kept.t() @ h.reshape(-1, h.shape[-1]).to(kept.dtype)  # (k, d): 2 N k d FLOPs
             grad_w = _scatter_rows(weight, idx, part)
         if ctx.bias is not None and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(ctx.bias[1])
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
-def vocab_rows_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, reduce=None):
+def vocab_rows_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, reduce=None,
+                      input_kept: bool = False):
     """F.linear(h, weight, bias) for an output layer (weight: (V, d), one row per vocabulary entry) whose backward
     writes the weight gradient of the k rows only whose logits' gradients have the largest norm over the batch's
     tokens (known in the backward, so the selection is exact top-k of that norm); the other rows' weight gradient
-    is zero. The forward, the input gradient and the bias gradient are the dense layer's. reduce: combines the
-    (V,) norms over data-parallel ranks (distributed.reduce_scores), or None."""
-    return _VocabRowsLinear.apply(h, weight, bias, k, reduce)
+    is zero. The forward and the bias gradient are the dense layer's; the input gradient too, unless input_kept,
+    when it is taken over the kept rows only (G[:, kept] W[kept]: the omitted rows' share is dropped). reduce:
+    combines the (V,) norms over data-parallel ranks (distributed.reduce_scores), or None."""
+    return _VocabRowsLinear.apply(h, weight, bias, k, reduce, input_kept)
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

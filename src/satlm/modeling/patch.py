@@ -162,9 +162,10 @@ def _vocab_forward(head: nn.Linear, forward, runtime: SATRuntime):
     def vocab_omitting(x):
         rate = runtime.vocab_rate() if (head.training and runtime.enabled and torch.is_grad_enabled()) else 0.0
         k = kept_count(n_rows, rate)
-        if k >= n_rows or not head.weight.requires_grad:
+        input_kept = runtime.config.vocab_omission_input_grad
+        if k >= n_rows or not (head.weight.requires_grad or input_kept):
             return forward(x)
-        return vocab_rows_linear(x, head.weight, head.bias, k, reduce_scores)
+        return vocab_rows_linear(x, head.weight, head.bias, k, reduce_scores, input_kept)
 
     vocab_omitting.sat_original = forward
     return vocab_omitting
