@@ -177,7 +177,10 @@ class SATConfig:
         "help": "With vocab_omission_rate: the output layer's input gradient (what reaches the decoder) is taken over "
                 "the kept vocabulary rows too, G[:, kept] W[kept], which drops the omitted rows' share (the "
                 "low-probability tail of the softmax; measured on SmolLM2-135M: 2.6-3.7% of its norm at rate 0.9). "
-                "An approximation, unlike the weight-gradient omission alone; it saves as much again."})
+                "An approximation, unlike the weight-gradient omission alone; it saves as much again, but measured "
+                "on SmolLM2-135M (CPT, r=0.4, rate 0.9) it cost +2.5% eval loss by step 20 and +4.8% by step 40, where "
+                "the weight-gradient omission alone cost ~0.03 points (BENCHMARKS.md): not for use, kept as the "
+                "measured negative."})
     loss_tokens_dense: bool = field(default=False, metadata={
         "help": "MLP channels are omitted only in the rows of tokens that carry no loss (prompt, template, padding: "
                 "label -100 at the next position); the rows of tokens that carry loss run over every channel in the "
