@@ -184,3 +184,45 @@ def test_console_entry_point_exits_non_zero_with_one_line(tmp_path, config):
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("satlm train: error: unknown config key 'max_stesp' "
                                    "(did you mean 'max_steps'?)")
+
+
+class _FakeGroup:
+    """A process group of two ranks seen from rank 0: broadcasts pass through, barriers are counted."""
+
+    def __init__(self):
+        self.barriers = 0
+
+    def get_rank(self):
+        return 0
+
+    def get_world_size(self):
+        return 2
+
+    def broadcast_object_list(self, box, src=0):
+        pass
+
+    def barrier(self):
+        self.barriers += 1
+
+
+def test_an_error_every_rank_raises_waits_for_every_rank_before_exiting(capsys, monkeypatch):
+    # torchrun stops the other workers once the first exits: a rank must not exit on a shared refusal (raised by
+    # `on_main_process` on every rank) before every rank has printed it; any other error must not wait (the
+    # other ranks may be training on, and a barrier would hang)
+    from satlm import cli, distributed
+    from satlm.errors import RunConfigError
+
+    group = _FakeGroup()
+    monkeypatch.setattr(distributed, "_dist", lambda: group)
+
+    def refused(_args):
+        distributed.on_main_process(lambda: (_ for _ in ()).throw(RunConfigError("output_dir x is in use")))
+
+    def local(_args):
+        raise RunConfigError("only this rank")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", (refused,) + tuple(cli.COMMANDS["train"][1:]))
+    assert main(["train"]) == 1 and group.barriers == 1
+    assert "satlm train: error: output_dir x is in use" in capsys.readouterr().err
+    monkeypatch.setitem(cli.COMMANDS, "train", (local,) + tuple(cli.COMMANDS["train"][1:]))
+    assert main(["train"]) == 1 and group.barriers == 1

@@ -146,7 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = COMMANDS[name][0](argv[1:])
     except EXPECTED_ERRORS as e:
-        print(f"satlm {name}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"satlm {name}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        from .distributed import wait_for_every_rank
+
+        wait_for_every_rank(e)  # under torchrun: no rank exits before every rank has printed the refusal
         return getattr(e, "exit_code", 1)  # TrainingInterrupted: 128 + the signal number
     except KeyboardInterrupt:
         print(f"satlm {name}: interrupted", file=sys.stderr)

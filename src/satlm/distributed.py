@@ -68,8 +68,23 @@ def on_main_process(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             outcome = (False, e)
     ok, value = broadcast_object(outcome)
     if not ok:
+        with contextlib.suppress(AttributeError):  # every rank raises it here: `wait_for_every_rank` waits
+            value.satlm_on_every_rank = True
         raise value
     return value
+
+
+def wait_for_every_rank(error: BaseException) -> None:
+    """Before a rank exits on `error`: if every rank raised it together (`on_main_process`), wait until all
+    have reached this point (each has printed its message), so that the launcher, which stops the other
+    workers once the first one exits, cuts no rank's message off. Any other error returns at once: the
+    other ranks may not be failing, and a barrier would hang."""
+    if _dist() is None or not getattr(error, "satlm_on_every_rank", False):
+        return
+    try:
+        barrier()
+    except Exception:  # noqa: BLE001 - a broken group: exit anyway
+        pass
 
 
 @contextlib.contextmanager
@@ -116,4 +131,4 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["all_mean", "barrier", "broadcast_object", "is_main_process", "main_process_first", "on_main_process", "rank",
-           "reduce_scores", "world_size"]
+           "reduce_scores", "wait_for_every_rank", "world_size"]
