@@ -25,6 +25,9 @@ def main() -> None:
     p.add_argument("config")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1, help="passes over the batches (the first one also warms up)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then profile N steps of each side (torch.profiler) and print the ops whose self CPU time "
+                        "differs most between them: where SAT's time goes that its FLOPs do not explain")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -87,6 +90,31 @@ def main() -> None:
     dense, sat = sum(r[3] for r in rows), sum(r[4] for r in rows)
     print(f"total: dense {dense:.1f} s, SAT {sat:.1f} s: {dense / sat:.3f}x; median per-batch "
           f"{statistics.median(r[3] / r[4] for r in rows):.3f}x")
+    if args.profile:
+        _profile(step, batches, args.profile)
+
+
+def _profile(step, batches, n: int, top: int = 25) -> None:
+    """Self CPU ms per step of each op (grouped by input shapes) on both sides, the largest differences first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_side: dict = {False: {}, True: {}}
+    for i in range(2 * n):  # alternating, one step per profile, so that a drift of the machine hits both sides
+        sat = bool(i % 2) if (i // 2) % 2 == 0 else not i % 2
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            step(batches[(i // 2) % len(batches)], sat)
+        for e in prof.key_averages(group_by_input_shape=True):
+            k = (e.key, str(e.input_shapes)[:90])
+            ms, calls = per_side[sat].get(k, (0.0, 0.0))
+            per_side[sat][k] = (ms + e.self_cpu_time_total / n / 1000.0, calls + e.count / n)
+    keys = set(per_side[False]) | set(per_side[True])
+    rows = sorted(keys, key=lambda k: -abs(per_side[True].get(k, (0, 0))[0] - per_side[False].get(k, (0, 0))[0]))
+    total = {sat: sum(v[0] for v in per_side[sat].values()) for sat in per_side}
+    print(f"profile, self CPU ms per step: dense {total[False]:.0f}, SAT {total[True]:.0f}")
+    print(f"{'dense ms':>9s} {'SAT ms':>9s} {'SAT-dense':>9s} {'calls d/s':>11s}  op  shapes")
+    for k in rows[:top]:
+        d, s_ = per_side[False].get(k, (0.0, 0)), per_side[True].get(k, (0.0, 0))
+        print(f"{d[0]:9.1f} {s_[0]:9.1f} {s_[0] - d[0]:+9.1f} {d[1]:5.0f}/{s_[1]:<5.0f}  {k[0]}  {k[1]}")
 
 
 if __name__ == "__main__":

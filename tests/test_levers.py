@@ -626,3 +626,15 @@ def test_vocab_rows_refusals():
     with pytest.raises(satlm.UnsupportedModelError, match="plain torch.nn.Linear"):
         satlm.apply_sat(model, satlm.SATConfig(vocab_omission_rate=0.5))
     assert not hasattr(model, "sat_runtime") and "forward" not in vars(model.lm_head)  # nothing changed
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_norms_read_in_row_blocks_equal_the_norm_over_dim_0(n, dtype):
+    # the vocabulary lever's scores: blocks of rows (and the last, partial block) all counted, in float32
+    from satlm.core.importance import column_norms
+
+    a = torch.randn(n, 301, generator=torch.Generator().manual_seed(n)).to(dtype)
+    got = column_norms(a)
+    assert got.dtype == torch.float32 and got.shape == (301,)
+    torch.testing.assert_close(got, torch.linalg.vector_norm(a.double(), dim=0).float(), rtol=1e-5, atol=1e-6)

@@ -60,6 +60,25 @@ def _norm(a: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.linalg.vector_norm(a, dim=dim, dtype=torch.float32 if a.dtype.itemsize < 4 else None).float()
 
 
+def column_norms(a: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """The 2-norm of each column of a (N, V) matrix, (V,) float32, in one read of it: blocks of `chunk` rows
+    squared and added into a (chunk, V) float32 accumulator, summed at the end. On the CPU linalg.vector_norm
+    over dim 0 reads the matrix strided: for the (1024, 49152) logits gradient of SmolLM2 it took 136 ms against
+    17 ms this way (2026-12-07), more than the head's weight-gradient GEMM that the vocabulary lever saves."""
+    n = a.shape[0]
+    if n <= chunk or a.device.type != "cpu":
+        return _norm(a, 0)
+    acc = torch.zeros(chunk, a.shape[1], dtype=torch.float32, device=a.device)
+    full = n - n % chunk
+    for s in range(0, full, chunk):
+        x = a[s:s + chunk].float()
+        acc.addcmul_(x, x)
+    if full < n:
+        x = a[full:].float()
+        acc[: n - full].addcmul_(x, x)
+    return acc.sum(0).sqrt_()
+
+
 def _square_sum(a: torch.Tensor, owned: bool) -> torch.Tensor:
     """a * a in float32, in place when `a` is a temporary of ours. (Summing squares this way is ~4x faster on
     the CPU than linalg.vector_norm over the leading dimensions.)"""

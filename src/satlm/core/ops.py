@@ -14,6 +14,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .importance import column_norms
+
 
 def _kept_rows(weights, idxs, dtype=None) -> torch.Tensor:
     """[W_0[idx_0]; W_1[idx_1]; ...] gathered straight into one buffer (one copy, no cat)."""
@@ -183,7 +185,7 @@ class _VocabRowsLinear(torch.autograd.Function):
         grad_h = grad_w = grad_b = None
         kept = idx = None
         if ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and ctx.input_kept):
-            scores = torch.linalg.vector_norm(g2, dim=0, dtype=torch.float32)  # (V,): one read of the gradient
+            scores = column_norms(g2)  # (V,): one read of the gradient
             if ctx.reduce is not None:
                 scores = ctx.reduce(scores)
             idx = torch.topk(scores, ctx.k, sorted=False).indices
