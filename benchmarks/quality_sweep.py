@@ -73,6 +73,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                       "the thinned forward (paper mode), r=0.5, per-layer rates"),
     "v90": (constant(0.0, "sat.vocab_omission_rate=0.9"), "the output layer's weight gradient over 10% of the "
             "vocabulary rows (those with the largest logit-gradient norm), no channel omission"),
+    "c40": (constant(0.4), "r=0.4 throughout, no dense tail (FLOP ceiling 1.174x)"),
+    "c45-v90": (constant(0.45, "sat.vocab_omission_rate=0.9"), "r=0.45 throughout and vocabulary rows 0.9 (FLOP "
+                "ceiling 1.292x)"),
     "c40-v90": (constant(0.4, "sat.vocab_omission_rate=0.9"), "r=0.4 throughout and vocabulary rows 0.9 (FLOP ceiling "
                 "1.262x)"),
     "c50-v90": (constant(0.5, "sat.vocab_omission_rate=0.9"), "r=0.5 throughout and vocabulary rows 0.9 (FLOP ceiling "
