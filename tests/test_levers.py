@@ -602,12 +602,57 @@ def test_vocab_rows_flops():
     satlm.apply_sat(model, satlm.SATConfig(schedule="constant", omission_rate=0.0, vocab_omission_rate=0.75))
     k = keep(V, 0.75)
     assert k == V // 4
-    # the head's weight gradient over the kept rows only: 2 N (V - k) D FLOPs fewer, every position (padded too)
-    assert dense - step_flops(model, data) == 2 * B * T * (V - k) * D
+    n, n_grad = B * T, loss_positions(data)  # the head's backward runs over the N' positions with a next label
+    assert 0 < n_grad < n
+    # the head's weight gradient over the kept rows only, both of its gradients over the N' positions only
+    assert dense - step_flops(model, data) == 2 * D * (2 * n * V - n_grad * (V + k))
     satlm.remove_sat(model)
     satlm.apply_sat(model, satlm.SATConfig(schedule="constant", omission_rate=0.0, vocab_omission_rate=0.75,
                                            vocab_omission_input_grad=True))
-    assert dense - step_flops(model, data) == 2 * 2 * B * T * (V - k) * D  # and its input gradient
+    assert dense - step_flops(model, data) == 2 * D * (2 * n * V - 2 * n_grad * k)  # and its input gradient
+
+
+def loss_positions(data) -> int:
+    """The positions whose logits get a gradient: those with a next label that is not -100 (the model's loss
+    shifts the labels by one)."""
+    return int((data["labels"][:, 1:] != -100).sum())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_vocab_rows_skip_the_tokens_without_loss_exactly(tie):
+    # SFT: the prompt's labels are -100, so its logits' gradient rows are zero; the head's backward skips them
+    model = tiny_model("llama", hidden=D, inter=FF, heads=H, kv_heads=KV, layers=2, vocab=V, tie=tie)
+    data = batch(vocab=V, b=B, t=T, pad=True)
+    data["labels"][:, : T - 4] = -100  # 3 answer tokens a sequence at most
+    plain, dense = copy.deepcopy(model), copy.deepcopy(model)
+    flops_dense = step_flops(copy.deepcopy(model), data)
+    loss, grads = sat_step(model, data, omission_rate=0.0, vocab_omission_rate=0.75)
+    ref_loss, ref_grads, _ = vocab_reference(plain, data, 0.75)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+    assert_same_grads(grads, ref_grads)
+    dense(**data).loss.backward()
+    decoder = "model.layers.0.mlp.down_proj.weight"  # the input gradient reaching the decoder is the dense one
+    torch.testing.assert_close(grads[decoder], grads_of(dense)[decoder], rtol=1e-5, atol=1e-7)
+    n, n_grad, k = B * T, loss_positions(data), keep(V, 0.75)
+    assert flops_dense - step_flops(model, data) == 2 * D * (2 * n * V - n_grad * (V + k))
+
+
+def test_gradient_rows_find_every_row_with_a_nonzero_entry():
+    from satlm.core.ops import gradient_rows
+
+    g = torch.zeros(6, 50)
+    g[1, 7] = 1e-30  # its square underflows in float32: a norm would call the row zero
+    g[3, 0] = float("nan")
+    g[4] = torch.randn(50)
+    g[5, 9] = -2.0  # negative entries only
+    assert gradient_rows(g).tolist() == [1, 3, 4, 5]
+    assert gradient_rows(torch.ones(3, 5)) is None  # every row: no gather
+    assert gradient_rows(torch.zeros(2, 5)).tolist() == []
+    few = torch.ones(32, 5)
+    few[0] = 0  # 1 zero row in 32: below the 1/16 worth gathering for
+    assert gradient_rows(few) is None
+    few[1] = 0  # 2 in 32: gathered
+    assert gradient_rows(few).tolist() == list(range(2, 32))
 
 
 def test_vocab_rows_refusals():

@@ -182,6 +182,10 @@ class _VocabRowsLinear(torch.autograd.Function):
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, V): the logits' gradient
+        h2 = h.reshape(-1, h.shape[-1])
+        rows = gradient_rows(g2)  # the rows that carry gradient (tokens with loss), or None: all of them
+        if rows is not None:  # the others are exactly zero and add nothing to any of the products below
+            g2, h2 = g2.index_select(0, rows), h2.index_select(0, rows)
         grad_h = grad_w = grad_b = None
         kept = idx = None
         if ctx.needs_input_grad[1] or (ctx.needs_input_grad[0] and ctx.input_kept):
@@ -189,18 +193,32 @@ class _VocabRowsLinear(torch.autograd.Function):
             if ctx.reduce is not None:
                 scores = ctx.reduce(scores)
             idx = torch.topk(scores, ctx.k, sorted=False).indices
-            kept = g2.index_select(1, idx)  # (N, k)
+            kept = g2.index_select(1, idx)  # (N', k)
         if ctx.needs_input_grad[0]:
-            if ctx.input_kept:  # the kept rows only: 2 N k d FLOPs
-                grad_h = (kept @ weight.index_select(0, idx).to(kept.dtype)).reshape(h.shape).to(h.dtype)
-            else:  # every row: 2 N V d FLOPs
-                grad_h = (grad @ weight.to(grad.dtype)).to(h.dtype)
+            if ctx.input_kept:  # the kept rows only: 2 N' k d FLOPs
+                part = kept @ weight.index_select(0, idx).to(kept.dtype)
+            else:  # every vocabulary row: 2 N' V d FLOPs
+                part = g2 @ weight.to(g2.dtype)
+            if rows is not None:  # zero in the rows without gradient
+                part = h.new_zeros(grad.shape[:-1].numel(), h.shape[-1]).index_copy_(0, rows, part.to(h.dtype))
+            grad_h = part.reshape(h.shape).to(h.dtype)
         if ctx.needs_input_grad[1]:
-            part = kept.t() @ h.reshape(-1, h.shape[-1]).to(kept.dtype)  # (k, d): 2 N k d FLOPs
+            part = kept.t() @ h2.to(kept.dtype)  # (k, d): 2 N' k d FLOPs
             grad_w = _scatter_rows(weight, idx, part)
         if ctx.bias is not None and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(ctx.bias[1])
         return grad_h, grad_w, grad_b, None, None, None
+
+
+def gradient_rows(g: torch.Tensor, least_zero: float = 1 / 16) -> torch.Tensor | None:
+    """Indices of the rows of a (N, V) logits gradient that hold a nonzero (or NaN) entry, or None when fewer than
+    `least_zero` of the rows are zero (gathering the others would cost about what skipping saves). A token without
+    loss (a prompt or padding token in SFT; in any batch a sequence's last position) has an all-zero row, which the
+    output layer's weight and input gradients skip exactly. One read of g (each row's largest and smallest entry:
+    exact where a norm could underflow, and on the CPU ~8x faster than the max-norm) and one host sync."""
+    nonzero = (g.amax(dim=1) != 0) | (g.amin(dim=1) != 0)
+    rows = nonzero.nonzero().squeeze(1)
+    return None if g.shape[0] - rows.shape[0] < least_zero * g.shape[0] else rows
 
 
 def vocab_rows_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, reduce=None,
