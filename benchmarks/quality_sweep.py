@@ -80,6 +80,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                 "1.262x)"),
     "c50-v90": (constant(0.5, "sat.vocab_omission_rate=0.9"), "r=0.5 throughout and vocabulary rows 0.9 (FLOP ceiling "
                 "1.324x)"),
+    "c20-v90": (constant(0.2, "sat.vocab_omission_rate=0.9"), "r=0.2 throughout and vocabulary rows 0.9 (FLOP ceiling "
+                "1.154x)"),
+    "c28-v90": (constant(0.28, "sat.vocab_omission_rate=0.9"), "r=0.28 throughout and vocabulary rows 0.9 (FLOP "
+                "ceiling 1.195x)"),
     "c28-v90i": (constant(0.28, "sat.vocab_omission_rate=0.9", "sat.vocab_omission_input_grad=true"),
                  "r=0.28 throughout, vocabulary rows 0.9 in the head's weight and input gradients"),
     "c40-v90i": (constant(0.4, "sat.vocab_omission_rate=0.9", "sat.vocab_omission_input_grad=true"),
