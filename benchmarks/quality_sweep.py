@@ -82,6 +82,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                 "1.324x)"),
     "c20-v90": (constant(0.2, "sat.vocab_omission_rate=0.9"), "r=0.2 throughout and vocabulary rows 0.9 (FLOP ceiling "
                 "1.154x)"),
+    "c62-v90": (constant(0.625, "sat.vocab_omission_rate=0.9"), "r=0.625 throughout and vocabulary rows 0.9 (between "
+                "0.5 and 0.75)"),
     "c28-v90": (constant(0.28, "sat.vocab_omission_rate=0.9"), "r=0.28 throughout and vocabulary rows 0.9 (FLOP "
                 "ceiling 1.195x)"),
     "c28-v90i": (constant(0.28, "sat.vocab_omission_rate=0.9", "sat.vocab_omission_input_grad=true"),
