@@ -36,8 +36,13 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "quality"
 
 MID = "[" + ",".join(map(str, range(2, 28))) + "]"  # SmolLM2-135M's 30 layers without the first and last two
+# Every lever a shipped config may turn on is stated here, off, and turned on by the variants that name it: a variant
+# that left sat.vocab_omission_rate unset took configs/real-cpt.yaml's 0.9 once that config shipped it (the 12-07
+# speed rows of c40 and c50, and a c62 row, measured c40-v90, c50-v90 and c62-v90).
 CHANNELS = ["sat.source=current", "sat.forward=dense", "sat.metric=l2", "sat.selection=topk",
-            "sat.attn_omission_rate=0"]
+            "sat.attn_omission_rate=0", "sat.vocab_omission_rate=0", "sat.vocab_omission_input_grad=false",
+            "sat.loss_tokens_dense=false", "sat.dense_start=0", "sat.layer_drop_rate=0",
+            "sat.omitted_update=zero", "sat.layer_rates=null"]
 
 
 def constant(rate: float, *extra: str) -> list[str]:
